@@ -1,0 +1,406 @@
+"""The Kafka sink against tansu (a real Kafka-protocol broker) and the real engine."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import ssl
+import subprocess
+import time
+import uuid
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import pytest
+from aiokafka import AIOKafkaConsumer, TopicPartition
+
+from relay.errors import PartialDeliveryError, PermanentSinkError, RetryableSinkError
+from relay.router import RouteFilter
+from relay.schema import Event
+from sinks.base import Sink, SinkContext
+from sinks.kafka import STRUCTURED_CONTENT_TYPE, KafkaSink, KafkaSinkConfig
+from tests.contract import SinkContract, sample_events, structured
+from tests.harness import PrivateEngine, Tansu, async_wait_for, free_port
+from tests.harness.brokers import HOST, BrokerProcess
+from tests.relay_harness import relay_settings, running_relay
+
+pytestmark = pytest.mark.integration
+
+LABEL = "com.example.kafka-test"
+
+
+def kafka_sink(bootstrap: str, **settings: Any) -> KafkaSink:
+    # tansu's memory storage cannot do InitProducerId (DESIGN.md section 5).
+    values: dict[str, Any] = {
+        "type": "kafka",
+        "bootstrap_servers": bootstrap,
+        "enable_idempotence": False,
+        "request_timeout": 5.0,
+        **settings,
+    }
+    return KafkaSink(KafkaSinkConfig(**values), SinkContext("test"))
+
+
+def unique(prefix: str = "t") -> str:
+    return f"{prefix}{uuid.uuid4().hex[:10]}"
+
+
+# -- reading back ---------------------------------------------------------------------------
+
+
+@dataclass
+class Record:
+    topic: str
+    partition: int
+    offset: int
+    key: bytes | None
+    value: bytes
+    headers: dict[str, bytes]
+
+    @property
+    def structured(self) -> dict[str, Any]:
+        """The CloudEvent in structured form, whatever mode it was written in."""
+        if "ce_id" not in self.headers:
+            assert self.headers["content-type"] == STRUCTURED_CONTENT_TYPE
+            result: dict[str, Any] = json.loads(self.value)
+            return result
+        event: dict[str, Any] = {
+            name.removeprefix("ce_"): value.decode()
+            for name, value in self.headers.items()
+            if name.startswith("ce_")
+        }
+        event["datacontenttype"] = self.headers["content-type"].decode()
+        event["data"] = json.loads(self.value)
+        return event
+
+    @property
+    def id(self) -> str:
+        return str(self.structured["id"])
+
+
+async def consume(
+    bootstrap: str,
+    topics: Sequence[str],
+    done: Any,
+    timeout: float = 30.0,
+    ssl_context: ssl.SSLContext | None = None,
+) -> list[Record]:
+    """Every record of `topics` from the beginning, until `done(records)` holds or the deadline.
+
+    Records come in partition order per partition; across partitions in the order fetched."""
+    consumer = AIOKafkaConsumer(
+        *topics,
+        bootstrap_servers=bootstrap,
+        group_id=None,
+        auto_offset_reset="earliest",
+        security_protocol="SSL" if ssl_context else "PLAINTEXT",
+        ssl_context=ssl_context,
+        metadata_max_age_ms=500,
+    )
+    await consumer.start()
+    records: list[Record] = []
+    try:
+        deadline = asyncio.get_running_loop().time() + timeout
+        while not done(records):
+            if asyncio.get_running_loop().time() > deadline:
+                raise AssertionError(
+                    f"timed out after {timeout}s reading {topics}: {len(records)} record(s)"
+                )
+            batches = await consumer.getmany(timeout_ms=200)
+            for messages in batches.values():
+                for m in messages:
+                    records.append(
+                        Record(
+                            m.topic,
+                            m.partition,
+                            m.offset,
+                            m.key,
+                            m.value,
+                            {k: bytes(v) for k, v in m.headers},
+                        )
+                    )
+    finally:
+        await consumer.stop()
+    return records
+
+
+def has_ids(ids: Sequence[str]) -> Any:
+    wanted = set(ids)
+    return lambda records: wanted <= {r.id for r in records}
+
+
+# -- the shared contract --------------------------------------------------------------------
+
+
+class TestKafkaContract(SinkContract):
+    @pytest.fixture(autouse=True)
+    def _broker(self, tansu: Tansu) -> None:
+        self.bootstrap = tansu.bootstrap
+        self.topic = unique("contract")
+
+    def make_sink(self) -> Sink:
+        # One key: one partition, so "arrival order" is the broker's order, well defined.
+        return kafka_sink(self.bootstrap, topic=self.topic, key="contract")
+
+    async def read_back(self, sink: Sink, ids: list[str], timeout: float) -> list[dict[str, Any]]:
+        records = await consume(self.bootstrap, [self.topic], has_ids(ids), timeout)
+        by_id = [r.structured for r in records if r.id in set(ids)]
+        return by_id
+
+    def make_unreachable_sink(self) -> Sink:
+        return kafka_sink(f"{HOST}:{free_port()}", topic=self.topic, request_timeout=2.0)
+
+
+class TestKafkaContractStructured(TestKafkaContract):
+    def make_sink(self) -> Sink:
+        return kafka_sink(
+            self.bootstrap, topic=self.topic, key="contract", content_mode="structured"
+        )
+
+
+# -- events from the real engine ------------------------------------------------------------
+
+
+def engine_events(engine: PrivateEngine, since: float, until: float, *filters: str) -> list[Any]:
+    """What the engine itself says it emitted (docker events --since --until)."""
+    args = [
+        "events",
+        "--since",
+        f"{since:.9f}",
+        "--until",
+        f"{until:.9f}",
+        "--format",
+        "{{json .}}",
+    ]
+    for f in filters:
+        args += ["--filter", f]
+    out = engine.cli(*args).stdout
+    return [json.loads(line) for line in out.splitlines() if line.strip()]
+
+
+def engine_id(engine: PrivateEngine) -> str:
+    return engine.cli("info", "--format", "{{.ID}}").stdout.strip()
+
+
+@pytest.mark.parametrize("mode", ["binary", "structured"])
+async def test_engine_events_follow_the_kafka_binding(
+    engine: PrivateEngine, tansu: Tansu, tmp_path: Path, mode: str
+) -> None:
+    run = unique("k")
+    prefix = unique("eng")
+    settings = relay_settings(
+        engine.docker_host,
+        tmp_path,
+        sinks=[
+            {
+                "type": "kafka",
+                "name": "kafka-main",
+                "bootstrap_servers": tansu.bootstrap,
+                "enable_idempotence": False,
+                "topic": prefix + ".{type}",
+                "content_mode": mode,
+                "filter": {"labels": {LABEL: run}},
+            }
+        ],
+    )
+    async with running_relay(settings):
+        since = time.time()
+        for n in range(3):
+            engine.cli(
+                "run",
+                "--name",
+                f"{run}-c{n}",
+                "--label",
+                f"{LABEL}={run}",
+                "--network",
+                "none",
+                "busybox:latest",
+                "true",
+            )
+        for n in range(3):
+            engine.cli("rm", f"{run}-c{n}")
+        until = time.time()
+        emitted = engine_events(engine, since, until, f"label={LABEL}={run}")
+        # Labels travel on container (and image) events only: create/attach?/start/die/destroy.
+        assert len(emitted) >= 3 * 4
+        topics = [f"{prefix}.container"]
+        records = await consume(
+            tansu.bootstrap, topics, lambda rs: len(rs) >= len(emitted), timeout=30
+        )
+    # Exactly what the engine reported, nothing more.
+    assert len(records) == len(emitted)
+    eid = engine_id(engine)
+    for r in records:
+        event = r.structured
+        data = event["data"]
+        assert event["specversion"] == "1.0"
+        assert event["source"].endswith(eid) or eid in event["source"]
+        assert event["type"].endswith(f".{data['type']}.{data['action']}")
+        assert r.topic == f"{prefix}.{data['type']}"
+        assert data["actor"]["labels"][LABEL] == run
+        assert r.key == f"{eid}/{data['actor']['id']}".encode()
+        assert event["datacontenttype"] == "application/json"
+        if mode == "binary":
+            # Binding: every context attribute as a ce_ header, datacontenttype as content-type.
+            assert r.headers["content-type"] == b"application/json"
+            assert "ce_datacontenttype" not in r.headers
+            assert {"ce_specversion", "ce_id", "ce_source", "ce_type", "ce_time"} <= set(r.headers)
+            assert json.loads(r.value) == data
+        else:
+            assert r.headers == {"content-type": b"application/cloudevents+json; charset=UTF-8"}
+    # One actor: one key, one partition, and the engine's order within it.
+    by_actor: dict[str, list[Record]] = {}
+    for r in records:
+        by_actor.setdefault(r.structured["data"]["actor"]["id"], []).append(r)
+    engine_order: dict[str, list[str]] = {}
+    for e in emitted:
+        engine_order.setdefault(e["Actor"]["ID"], []).append(e["Action"])
+    assert set(by_actor) == set(engine_order)
+    for actor, rs in by_actor.items():
+        assert len({r.partition for r in rs}) == 1
+        rs.sort(key=lambda r: r.offset)
+        assert [r.structured["data"]["action"] for r in rs] == engine_order[actor]
+    container_actions = [
+        r.structured["data"]["action"]
+        for r in sorted(by_actor[emitted[1]["Actor"]["ID"]], key=lambda r: r.offset)
+    ]
+    assert container_actions[0] == "create" and container_actions[-1] == "destroy"
+
+
+async def test_prune_events_arrive_with_reclaimed_bytes(
+    engine_fresh: PrivateEngine, tansu: Tansu, tmp_path: Path
+) -> None:
+    engine = engine_fresh
+    run = unique("p")
+    topic = unique("prune")
+    settings = relay_settings(
+        engine.docker_host,
+        tmp_path,
+        sinks=[
+            {
+                "type": "kafka",
+                "bootstrap_servers": tansu.bootstrap,
+                "enable_idempotence": False,
+                "topic": topic,
+                "filter": {"actions": ["prune"]},
+            }
+        ],
+    )
+    async with running_relay(settings):
+        since = time.time()
+        engine.cli("volume", "create", "--label", f"{LABEL}={run}", f"{run}-named")
+        dd = "dd if=/dev/zero of={} bs=1M count=5"
+        # Named volume (pruned on API 1.41), anonymous volume (pruned on every API), and the
+        # container's own layer: 5 MiB each.
+        engine.cli(
+            "run",
+            "--name",
+            f"{run}-c",
+            "--network",
+            "none",
+            "-v",
+            f"{run}-named:/named",
+            "-v",
+            "/data",
+            "busybox:latest",
+            "sh",
+            "-c",
+            " && ".join([dd.format("/named/f"), dd.format("/data/f"), dd.format("/f")]),
+        )
+        engine.cli("network", "create", "--internal", f"{run}-net")
+        engine.cli("tag", "busybox:latest", f"{run}-extra:tag")
+        engine.cli("system", "prune", "-af", "--volumes")
+        until = time.time()
+        emitted = engine_events(engine, since, until, "event=prune")
+        assert sorted(e["Type"] for e in emitted) == sorted(
+            ["container", "network", "volume", "image", "builder"]
+        )
+        records = await consume(tansu.bootstrap, [topic], lambda rs: len(rs) >= 5)
+    assert len(records) == 5
+    got = {r.structured["data"]["type"]: r.structured["data"] for r in records}
+    want = {e["Type"]: int(e["Actor"]["Attributes"]["reclaimed"]) for e in emitted}
+    assert {t: d["reclaimed_bytes"] for t, d in got.items()} == want
+    assert all(d["action"] == "prune" for d in got.values())
+    five_mib = 5 * 1024 * 1024
+    assert want["container"] >= five_mib
+    assert want["volume"] >= five_mib
+    assert want["network"] == 0
+
+
+class Recorder(Sink):
+    """Sees every event the relay routed, to know what the relay read from the engine."""
+
+    def __init__(self) -> None:
+        super().__init__("recorder")
+        self.events: list[Event] = []
+
+    async def start(self) -> None:
+        pass
+
+    async def send(self, batch: Sequence[Event]) -> None:
+        self.events.extend(batch)
+
+    async def aclose(self) -> None:
+        pass
+
+
+async def test_broker_down_then_back_loses_nothing(
+    engine: PrivateEngine, tansu_fresh: Tansu, tmp_path: Path
+) -> None:
+    run = unique("d")
+    topic = unique("down")
+    label_filter = RouteFilter(labels={LABEL: run})
+    sink = kafka_sink(tansu_fresh.bootstrap, topic=topic, request_timeout=1.0)
+    recorder = Recorder()
+    settings = relay_settings(engine.docker_host, tmp_path)
+    async with running_relay(
+        settings, sinks=[(sink, label_filter), (recorder, label_filter)]
+    ) as relay:
+        worker = relay.workers[0]
+        since = time.time()
+
+        def containers(tag: str, n: int) -> None:
+            for i in range(n):
+                engine.cli(
+                    "create",
+                    "--name",
+                    f"{run}-{tag}{i}",
+                    "--label",
+                    f"{LABEL}={run}",
+                    "--network",
+                    "none",
+                    "busybox:latest",
+                    "true",
+                )
+
+        containers("a", 3)
+        await async_wait_for(lambda: len(recorder.events) == 3, 20, message="phase a read")
+        await consume(tansu_fresh.bootstrap, [topic], has_ids([e.id for e in recorder.events]))
+
+        tansu_fresh.stop()
+        containers("b", 20)
+        await async_wait_for(lambda: len(recorder.events) == 23, 20, message="phase b read")
+        # The sink has noticed: the outbox holds phase b and retries.
+        await async_wait_for(lambda: worker.failing_since is not None, 20, message="failing")
+        assert len(worker.outbox) > 0 or worker.failing_since is not None
+        tansu_fresh.start()
+        containers("c", 5)
+        await async_wait_for(lambda: len(recorder.events) == 28, 20, message="phase c read")
+        after_restart = [e.id for e in recorder.events[3:]]
+        records = await consume(tansu_fresh.bootstrap, [topic], has_ids(after_restart), 60)
+        await async_wait_for(lambda: worker.failing_since is None, 20, message="recovered")
+    # tansu keeps nothing across a restart: the topic holds what came after it, all of it.
+    assert relay.dead_letter.count == 0
+    held = [r.id for r in records]
+    assert sorted(set(held)) == sorted(after_restart)
+    names = [r.structured["data"]["actor"]["id"] for r in sorted(records, key=lambda r: r.offset)]
+    assert {n for n in names} == {
+        f"{run}-{t}{i}" for t, k in (("b", 20), ("c", 5)) for i in range(k)
+    }
+    # Against the engine's own record of those volumes: 25 creations after the stop.
+    emitted = engine_events(engine, 0, time.time(), f"label={LABEL}={run}", "type=volume")
+    assert len(emitted) == 28

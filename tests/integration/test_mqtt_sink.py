@@ -1,0 +1,608 @@
+"""The MQTT sink against a real Mosquitto and real engines: binding, prune events, a broker
+restart mid-stream, TLS and passwords, the will, and the shared sink contract."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import threading
+import uuid
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import paho.mqtt.client as mqtt
+import pytest
+from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+
+from relay.errors import RetryableSinkError
+from relay.router import RouteFilter
+from relay.schema import Event
+from sinks.base import Sink, SinkContext
+from sinks.mqtt import STRUCTURED_CONTENT_TYPE, MqttSink, MqttSinkConfig
+from tests.contract import SinkContract, sample_events
+from tests.harness import Mosquitto, PrivateEngine, async_wait_for, free_port, wait_for
+from tests.relay_harness import relay_settings, running_relay
+
+pytestmark = pytest.mark.integration
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+BINARY_ATTRIBUTES = {"specversion", "id", "source", "type", "time", "dataschema", "subject"}
+
+
+# -- a real subscriber -----------------------------------------------------------------------
+
+
+class Received:
+    """One message as the subscriber saw it."""
+
+    def __init__(self, message: mqtt.MQTTMessage) -> None:
+        self.topic = message.topic
+        self.payload = bytes(message.payload)
+        self.retain = bool(message.retain)
+        props = getattr(message, "properties", None)
+        self.content_type: str | None = getattr(props, "ContentType", None)
+        self.user_properties: list[tuple[str, str]] = list(getattr(props, "UserProperty", []))
+
+    def structured(self) -> dict[str, Any]:
+        """The event in structured form, whichever mode it travelled in."""
+        if self.content_type is None or self.content_type == STRUCTURED_CONTENT_TYPE:
+            event: dict[str, Any] = json.loads(self.payload)
+            return event
+        event = dict(self.user_properties)
+        event["datacontenttype"] = self.content_type
+        event["data"] = json.loads(self.payload)
+        return event
+
+
+class Subscriber:
+    """A paho subscriber on its own network thread; optionally with a persistent session."""
+
+    def __init__(
+        self,
+        port: int,
+        topic: str,
+        *,
+        protocol: str = "5",
+        client_id: str = "",
+        persistent: bool = False,
+        tls_ca: Path | None = None,
+        tls_cert: tuple[Path, Path] | None = None,
+        username: str | None = None,
+        password: str | None = None,
+    ) -> None:
+        self.messages: list[Received] = []
+        self._lock = threading.Lock()
+        self._subscribed = threading.Event()
+        v5 = protocol == "5"
+        self.client = mqtt.Client(
+            CallbackAPIVersion.VERSION2,
+            client_id=client_id or f"sub-{uuid.uuid4().hex[:8]}",
+            protocol=mqtt.MQTTv5 if v5 else mqtt.MQTTv311,
+            clean_session=None if v5 else not persistent,
+        )
+        self.client.reconnect_delay_set(0.05, 0.5)
+        if tls_ca is not None:
+            self.client.tls_set(
+                ca_certs=str(tls_ca),
+                certfile=str(tls_cert[0]) if tls_cert else None,
+                keyfile=str(tls_cert[1]) if tls_cert else None,
+            )
+        if username is not None:
+            self.client.username_pw_set(username, password)
+        self.client.on_message = self._on_message
+        self.client.on_connect = lambda c, u, f, rc, p: c.subscribe(topic, qos=1)
+        self.client.on_subscribe = lambda c, u, mid, rcs, p: self._subscribed.set()
+        properties = None
+        if v5:
+            properties = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
+            if persistent:
+                properties.SessionExpiryInterval = 3600
+        self.client.connect(
+            "127.0.0.1",
+            port,
+            clean_start=not persistent if v5 else mqtt.MQTT_CLEAN_START_FIRST_ONLY,
+            properties=properties,
+        )
+        self.client.loop_start()
+        if not self._subscribed.wait(10):
+            self.close()
+            raise AssertionError(f"subscriber on {topic} got no SUBACK")
+
+    def _on_message(self, client: mqtt.Client, userdata: Any, message: mqtt.MQTTMessage) -> None:
+        with self._lock:
+            self.messages.append(Received(message))
+
+    def snapshot(self) -> list[Received]:
+        with self._lock:
+            return list(self.messages)
+
+    def events(self) -> list[dict[str, Any]]:
+        return [m.structured() for m in self.snapshot() if not m.topic.endswith("/status")]
+
+    def ids(self) -> list[str]:
+        return [e["id"] for e in self.events()]
+
+    def close(self) -> None:
+        self.client.disconnect()
+        self.client.loop_stop()
+
+
+class Recorder(Sink):
+    """Observes what the relay read from the engine (every event it routed), for comparison."""
+
+    def __init__(self) -> None:
+        super().__init__("recorder")
+        self.events: list[Event] = []
+
+    async def start(self) -> None:
+        pass
+
+    async def send(self, batch: Sequence[Event]) -> None:
+        self.events.extend(batch)
+
+    async def aclose(self) -> None:
+        pass
+
+
+def mqtt_sink(port: int, relay_id: str = "test-node", **settings: Any) -> MqttSink:
+    config = MqttSinkConfig(host="127.0.0.1", port=port, **settings)
+    sink = config.build(SinkContext(relay_id=relay_id))
+    assert isinstance(sink, MqttSink)
+    return sink
+
+
+def prefix() -> str:
+    return f"t{uuid.uuid4().hex[:10]}"
+
+
+# -- the shared contract -----------------------------------------------------------------------
+
+
+class _MqttContract(SinkContract):
+    protocol = "5"
+    mode: str | None = "binary"
+
+    @pytest.fixture(autouse=True)
+    def _broker(self, mosquitto: Mosquitto) -> Any:
+        self.broker = mosquitto
+        self.subscribers: list[Subscriber] = []
+        yield
+        for sub in self.subscribers:
+            sub.close()
+
+    def make_sink(self) -> Sink:
+        root = prefix()
+        self.subscriber = Subscriber(self.broker.port, f"{root}/#", protocol=self.protocol)
+        self.subscribers.append(self.subscriber)
+        return mqtt_sink(
+            self.broker.port,
+            topic=root + "/{type}/{action}",
+            status_topic=root + "/{relay_id}/status",
+            protocol=self.protocol,
+            mode=self.mode,
+        )
+
+    async def read_back(self, sink: Sink, ids: list[str], timeout: float) -> list[dict[str, Any]]:
+        wanted = set(ids)
+        await async_wait_for(
+            lambda: wanted <= set(self.subscriber.ids()), timeout, message=f"{len(ids)} events"
+        )
+        return [e for e in self.subscriber.events() if e["id"] in wanted]
+
+    def make_unreachable_sink(self) -> Sink:
+        return mqtt_sink(free_port(), connect_timeout=2)
+
+
+class TestContractMqtt5Binary(_MqttContract):
+    pass
+
+
+class TestContractMqtt5Structured(_MqttContract):
+    mode = "structured"
+
+
+class TestContractMqtt311(_MqttContract):
+    protocol = "3.1.1"
+    mode = None
+
+
+# -- events from a real engine -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("protocol", "mode"), [("5", "binary"), ("5", "structured"), ("3.1.1", None)]
+)
+async def test_engine_events_follow_the_binding(
+    engine: PrivateEngine, mosquitto: Mosquitto, tmp_path: Path, protocol: str, mode: str | None
+) -> None:
+    root = prefix()
+    sub = Subscriber(mosquitto.port, f"{root}/#", protocol=protocol)
+    sink_config = {
+        "type": "mqtt",
+        "host": "127.0.0.1",
+        "port": mosquitto.port,
+        "topic": root + "/{engine_name}/{type}/{action}",
+        "status_topic": root + "/{relay_id}/status",
+        "protocol": protocol,
+        "mode": mode,
+    }
+    volume, container = f"vol-{root}", f"ctr-{root}"
+    try:
+        settings = relay_settings(engine.docker_host, tmp_path, sinks=[sink_config])
+        async with running_relay(settings):
+            engine.cli("volume", "create", volume)
+            engine.cli("run", "--name", container, "--label", "team=mqtt", "--network", "none",
+                       "busybox:latest", "true")
+            engine.cli("rm", container)
+            engine.cli("volume", "rm", volume)
+
+            def seen() -> bool:
+                subjects = {(e["subject"], e["data"]["action"]) for e in sub.events()}
+                return {(volume, "destroy"), (container, "destroy")} <= subjects
+
+            await async_wait_for(seen, 30, message="volume and container destroy events")
+        messages = [m for m in sub.snapshot() if not m.topic.endswith("/status")]
+    finally:
+        sub.close()
+
+    ours = [m for m in messages if m.structured()["subject"] in (volume, container)]
+    actions = [(m.structured()["data"]["type"], m.structured()["data"]["action"]) for m in ours]
+    assert [a[1] for a in actions if a[0] == "volume"] == ["create", "destroy"]
+    container_actions = [a[1] for a in actions if a[0] == "container"]
+    for expected in ("create", "start", "die", "destroy"):
+        assert expected in container_actions
+    assert container_actions.index("create") < container_actions.index("die") < \
+        container_actions.index("destroy")
+    for m in ours:
+        event = m.structured()
+        data = event["data"]
+        assert m.topic == f"{root}/{data['engine']['name']}/{data['type']}/{data['action']}"
+        assert event["specversion"] == "1.0"
+        assert event["type"] == f"dev.docker-event-relay.{data['type']}.{data['action']}"
+        assert event["datacontenttype"] == "application/json"
+        if protocol == "5" and mode == "binary":
+            assert m.content_type == "application/json"
+            assert {k for k, _ in m.user_properties} == BINARY_ATTRIBUTES
+            assert set(json.loads(m.payload)) == set(data)  # payload is `data` only
+        elif protocol == "5":
+            assert m.content_type == STRUCTURED_CONTENT_TYPE
+            assert m.user_properties == []
+            assert json.loads(m.payload)["id"] == event["id"]
+        else:
+            assert m.content_type is None and m.user_properties == []
+            assert json.loads(m.payload)["specversion"] == "1.0"
+        if data["type"] == "container" and data["action"] == "create":
+            assert data["actor"]["labels"] == {"team": "mqtt"}
+
+
+async def test_prune_events_arrive_with_reclaimed_bytes(
+    engine_fresh: PrivateEngine, mosquitto: Mosquitto, tmp_path: Path
+) -> None:
+    root = prefix()
+    sub = Subscriber(mosquitto.port, f"{root}/+/+/prune")
+    recorder = Recorder()
+    sink = mqtt_sink(mosquitto.port, topic=root + "/{engine_name}/{type}/{action}",
+                     status_topic=root + "/status")
+    eng = engine_fresh
+    mib5 = ["dd", "if=/dev/zero", "bs=1M", "count=5"]
+    try:
+        settings = relay_settings(eng.docker_host, tmp_path)
+        async with running_relay(settings, sinks=[(sink, RouteFilter()), (recorder, RouteFilter())]):
+            eng.cli("volume", "create", "named5")
+            eng.cli("run", "--name", "into-named", "--network", "none", "-v", "named5:/data",
+                    "busybox:latest", *mib5, "of=/data/f")
+            # Anonymous: newer engines' `system prune --volumes` only removes those.
+            eng.cli("run", "--name", "into-anon", "--network", "none", "-v", "/anon",
+                    "busybox:latest", *mib5, "of=/anon/f")
+            eng.cli("run", "--name", "into-self", "--network", "none",
+                    "busybox:latest", *mib5, "of=/f")
+            eng.cli("network", "create", "prune-net")
+            eng.cli("tag", "busybox:latest", "busybox:extra")
+            eng.cli("system", "prune", "-af", "--volumes")
+
+            def read() -> dict[str, int | None]:
+                return {e.ce.data.type: e.ce.data.reclaimed_bytes for e in recorder.events
+                        if e.ce.data.action == "prune"}
+
+            def received() -> dict[str, int]:
+                return {e["data"]["type"]: e["data"]["reclaimed_bytes"] for e in sub.events()}
+
+            await async_wait_for(
+                lambda: {"container", "volume", "network", "image"} <= read().keys()
+                and received().keys() == read().keys(),
+                30, message="every prune event the relay read",
+            )
+    finally:
+        sub.close()
+    assert received() == read()  # what the engine said, byte for byte, per type
+    assert [m.topic.split("/")[2:] for m in sub.snapshot()] == [[t, "prune"] for t in read()]
+    got = received()
+    assert got["container"] >= 5 * 2**20
+    assert got["volume"] >= 5 * 2**20
+    assert got["network"] == 0
+    assert got["image"] > 0
+
+
+# -- a broker restart mid-stream ---------------------------------------------------------------
+
+
+async def test_broker_restart_mid_stream_loses_no_qos1_event(
+    engine: PrivateEngine,
+    mosquitto_factory: Callable[..., Mosquitto],
+    tmp_path: Path,
+) -> None:
+    # A persistent broker keeps the subscriber's session and its queue across the restart, so
+    # any loss below can only be the relay's.
+    store = tmp_path / "mosquitto-db"
+    store.mkdir()
+    broker = mosquitto_factory(f"persistence true\npersistence_location {store}/\n")
+    root = prefix()
+    sub = Subscriber(broker.port, f"{root}/#", client_id=f"sub-{root}", persistent=True)
+    recorder = Recorder()
+    sink = mqtt_sink(broker.port, topic=root + "/{type}/{action}/{actor_name}",
+                     status_topic=root + "/status", qos=1)
+    names = [f"r{root}-{i:03d}" for i in range(90)]
+    made: list[str] = []
+
+    def produce() -> None:
+        for name in names:
+            engine.cli("volume", "create", name)
+            made.append(name)
+
+    def ours(events: Sequence[Event]) -> list[str]:
+        return [e.id for e in events if (e.ce.data.actor.name or "").startswith(f"r{root}")]
+
+    settings = relay_settings(engine.docker_host, tmp_path / "state")
+    try:
+        async with running_relay(settings, sinks=[(sink, RouteFilter()), (recorder, RouteFilter())]):
+            producer = threading.Thread(target=produce)
+            producer.start()
+            try:
+                await async_wait_for(lambda: len(sub.ids()) >= 20, 60, message="20 delivered")
+                broker.stop()
+                down_at = len(ours(recorder.events))
+                await async_wait_for(
+                    lambda: len(ours(recorder.events)) >= down_at + 20, 60,
+                    message="20 events read while the broker is down",
+                )
+                broker.start()
+            finally:
+                producer.join()
+            read = ours(recorder.events)
+            assert len(read) == len(names)
+            await async_wait_for(lambda: set(read) <= set(sub.ids()), 60,
+                                 message="every event read reaches the subscriber")
+    finally:
+        sub.close()
+    assert sink.connects >= 2  # it did lose the broker and reconnect by itself
+    delivered = sub.ids()
+    assert set(delivered) == set(read)
+    # Order of first arrival follows the engine's (a re-sent duplicate may come later).
+    first_seen = list(dict.fromkeys(delivered))
+    assert first_seen == read
+
+
+# -- security ----------------------------------------------------------------------------------
+
+
+def _openssl(*args: str) -> None:
+    subprocess.run(["openssl", *args], check=True, capture_output=True)
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """A CA, a server certificate for 127.0.0.1 and a client certificate, made with openssl."""
+    d = tmp_path_factory.mktemp("pki")
+    p = {n: d / n for n in ("ca.key", "ca.crt", "server.key", "server.crt", "client.key",
+                            "client.crt")}
+    _openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj",
+             "/CN=relay-test-ca", "-keyout", str(p["ca.key"]), "-out", str(p["ca.crt"]))
+    for name, subject in (("server", "/CN=127.0.0.1"), ("client", "/CN=relay-client")):
+        csr = d / f"{name}.csr"
+        _openssl("req", "-newkey", "rsa:2048", "-nodes", "-subj", subject,
+                 "-keyout", str(p[f"{name}.key"]), "-out", str(csr))
+        ext = d / f"{name}.ext"
+        ext.write_text("subjectAltName=IP:127.0.0.1\n" if name == "server" else
+                       "extendedKeyUsage=clientAuth\n")
+        _openssl("x509", "-req", "-in", str(csr), "-CA", str(p["ca.crt"]), "-CAkey",
+                 str(p["ca.key"]), "-CAcreateserial", "-days", "2", "-extfile", str(ext),
+                 "-out", str(p[f"{name}.crt"]))
+    return p
+
+
+READER_PASSWORD = "reader-pw"
+
+
+def _password_file(path: Path, user: str, password: str) -> Path:
+    """A mosquitto password file with `user` and the test's subscriber `reader`."""
+    path.unlink(missing_ok=True)
+    for n, (name, secret) in enumerate(((user, password), ("reader", READER_PASSWORD))):
+        create = ["-c"] if n == 0 else []
+        subprocess.run(["mosquitto_passwd", "-b", *create, str(path), name, secret],
+                       check=True, capture_output=True)
+    return path
+
+
+def _secure_broker(make: Callable[..., Mosquitto], pki: dict[str, Path], passwd: Path
+                   ) -> Mosquitto:
+    # Persistence: the subscriber's session and queue survive the restart in the retry test.
+    store = passwd.parent / "db"
+    store.mkdir(exist_ok=True)
+    return make(
+        extra_config=f"cafile {pki['ca.crt']}\ncertfile {pki['server.crt']}\n"
+        f"keyfile {pki['server.key']}\nrequire_certificate true\npassword_file {passwd}\n"
+        f"persistence true\npersistence_location {store}/\n",
+        allow_anonymous=False,
+    )
+
+
+def _secure_subscriber(port: int, topic: str, pki: dict[str, Path]) -> Subscriber:
+    return Subscriber(port, topic, tls_ca=pki["ca.crt"],
+                      tls_cert=(pki["client.crt"], pki["client.key"]), username="reader",
+                      password=READER_PASSWORD, client_id=f"reader-{uuid.uuid4().hex[:8]}",
+                      persistent=True)
+
+
+async def test_tls_client_certificate_and_password(
+    mosquitto_factory: Callable[..., Mosquitto], pki: dict[str, Path], tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    secret = f"s3cret-{uuid.uuid4().hex[:6]}"
+    broker = _secure_broker(mosquitto_factory, pki, _password_file(tmp_path / "pw", "relay",
+                                                                   secret))
+    (tmp_path / "secret").write_text(secret + "\n")
+    root = prefix()
+    sub = _secure_subscriber(broker.port, f"{root}/#", pki)
+    sink = mqtt_sink(broker.port, topic=root + "/{type}/{action}", status_topic=root + "/st",
+                     tls_ca_file=pki["ca.crt"], tls_cert_file=pki["client.crt"],
+                     tls_key_file=pki["client.key"], username="relay",
+                     password_file=tmp_path / "secret")
+    assert secret not in repr(sink.config) and secret not in str(sink.describe())
+    events = sample_events(10)
+    caplog.set_level(logging.DEBUG)
+    try:
+        await sink.start()
+        await sink.send(events)
+        await async_wait_for(lambda: len(sub.ids()) == 10, 20, message="10 events over TLS")
+        await sink.aclose()
+    finally:
+        sub.close()
+    assert sub.ids() == [e.id for e in events]
+    assert secret not in caplog.text
+
+
+async def test_tls_verification_toggle(
+    mosquitto_factory: Callable[..., Mosquitto], pki: dict[str, Path]
+) -> None:
+    broker = mosquitto_factory(
+        extra_config=f"certfile {pki['server.crt']}\nkeyfile {pki['server.key']}\n"
+    )
+    # The system CAs do not know our test CA: verification must refuse, and say why.
+    strict = mqtt_sink(broker.port, tls=True, connect_timeout=5)
+    with pytest.raises(RetryableSinkError, match="TLS handshake failed"):
+        await strict.start()
+    await strict.aclose()
+    lax = mqtt_sink(broker.port, tls=True, tls_verify=False)
+    await lax.start()
+    await lax.send(sample_events(2))
+    await lax.aclose()
+    verified = mqtt_sink(broker.port, tls_ca_file=pki["ca.crt"])
+    await verified.start()
+    await verified.send(sample_events(2))
+    await verified.aclose()
+
+
+async def test_wrong_password_is_reported_and_retried_until_fixed(
+    engine: PrivateEngine,
+    mosquitto_factory: Callable[..., Mosquitto],
+    pki: dict[str, Path],
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    right, wrong = f"right-{uuid.uuid4().hex[:6]}", f"wrong-{uuid.uuid4().hex[:6]}"
+    passwd = _password_file(tmp_path / "pw", "relay", right)
+    broker = _secure_broker(mosquitto_factory, pki, passwd)
+    root = prefix()
+    sub = _secure_subscriber(broker.port, f"{root}/#", pki)
+    config = MqttSinkConfig(name="secure", host="127.0.0.1", port=broker.port,
+                            topic=root + "/{type}/{action}/{actor_name}",
+                            status_topic=root + "/status", tls_ca_file=pki["ca.crt"],
+                            tls_cert_file=pki["client.crt"], tls_key_file=pki["client.key"],
+                            username="relay", password=wrong)
+    sink = config.build(SinkContext("node-pw"))
+    assert isinstance(sink, MqttSink)
+    caplog.set_level(logging.INFO)
+    names = [f"pw{root}-{i}" for i in range(5)]
+    try:
+        settings = relay_settings(engine.docker_host, tmp_path / "state")
+        async with running_relay(settings, sinks=[(sink, RouteFilter())]) as relay:
+            worker = relay.workers[0]
+            for name in names:
+                engine.cli("volume", "create", name)
+            await async_wait_for(
+                lambda: any("refused the connection" in r.getMessage() for r in caplog.records),
+                20, message="the refusal logged",
+            )
+            assert not worker.started
+            refusals = [r for r in caplog.records if "refused the connection" in r.getMessage()]
+            assert refusals, caplog.text
+            line = refusals[0].getMessage()
+            assert "secure" in line and "reason code 13" in line, line  # 134 or 135
+            assert "Bad user name or password" in line or "Not authorized" in line, line
+            # The broker's password file changes to what the relay holds; the relay keeps
+            # retrying on its own and delivers what its outbox held.
+            _password_file(passwd, "relay", wrong)
+            broker.restart()
+            await async_wait_for(
+                lambda: {e["subject"] for e in sub.events()} >= set(names), 30,
+                message="held events delivered after the credentials became right",
+            )
+            assert worker.started and relay.readiness()[0]
+    finally:
+        sub.close()
+    assert wrong not in caplog.text and right not in caplog.text
+    assert len(refusals) == 1  # once per distinct refusal, not once per retry
+
+
+# -- status and will -----------------------------------------------------------------------------
+
+
+def _relay_process(engine: PrivateEngine, state: Path, port: int, status: str
+                   ) -> subprocess.Popen[bytes]:
+    env = engine.env()
+    env.update(
+        RELAY_ENGINE__HOST=engine.docker_host,
+        RELAY_STATE_DIR=str(state),
+        RELAY_HTTP__ENABLED="false",
+        RELAY_NODE_NAME="will-node",
+        RELAY_LOG__FORMAT="console",
+        RELAY_SINKS=json.dumps([{"type": "mqtt", "host": "127.0.0.1", "port": port,
+                                 "status_topic": status, "topic": "will/{type}/{action}"}]),
+    )
+    return subprocess.Popen([sys.executable, "-m", "relay", "run"], cwd=REPO_ROOT, env=env,
+                            stdout=subprocess.DEVNULL, stderr=open(state / "relay.log", "ab"))
+
+
+def test_will_fires_when_the_relay_is_killed(
+    engine: PrivateEngine, mosquitto: Mosquitto, tmp_path: Path
+) -> None:
+    status = f"{prefix()}/{{relay_id}}/status"
+    topic = status.format(relay_id="will-node")
+    sub = Subscriber(mosquitto.port, topic)
+
+    def last() -> str | None:
+        got = [m.payload.decode() for m in sub.snapshot()]
+        return got[-1] if got else None
+
+    proc = _relay_process(engine, tmp_path, mosquitto.port, status)
+    try:
+        wait_for(lambda: last() == "online", 30, message="online after start")
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(10)
+        wait_for(lambda: last() == "offline", 30, message="offline from the will")
+        proc = _relay_process(engine, tmp_path, mosquitto.port, status)
+        wait_for(lambda: last() == "online", 30, message="online after the restart")
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0
+        wait_for(lambda: last() == "offline", 10, message="offline after a clean stop")
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        sub.close()
+    assert [m.payload for m in sub.snapshot()] == [b"online", b"offline", b"online", b"offline"]
+    # A late subscriber sees the retained state.
+    late = Subscriber(mosquitto.port, topic)
+    try:
+        wait_for(lambda: late.snapshot(), 10, message="retained status")
+        assert late.snapshot()[0].payload == b"offline" and late.snapshot()[0].retain
+    finally:
+        late.close()
+    assert os.path.exists(tmp_path / "relay.log")

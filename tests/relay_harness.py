@@ -1,0 +1,118 @@
+"""Run the real relay in-process against a real engine, for integration tests.
+
+The relay gets its own thread and event loop, as it would have its own process: a test that
+blocks (a `docker` CLI call, a consumer poll) cannot stall the relay's reader, which the engine
+would punish by dropping events (it drops for subscribers more than 100 ms behind).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import threading
+import time
+from collections.abc import AsyncIterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import stamina.instrumentation
+
+from relay.app import Relay
+from relay.router import RouteFilter
+from relay.settings import Settings
+from sinks.base import Sink
+
+# Fast but real backoff for tests: retries happen, waits stay short.
+FAST_RETRY = {"wait_initial": 0.05, "wait_max": 0.5, "retry_after_max": 5.0}
+
+
+def relay_settings(docker_host: str, state_dir: Path, **overrides: Any) -> Settings:
+    values: dict[str, Any] = {
+        "engine": {"host": docker_host, "reconnect_initial": 0.1, "reconnect_max": 1.0},
+        "state_dir": state_dir,
+        "http": {"enabled": False},
+        "retry": FAST_RETRY,
+        "checkpoint_interval": 0.05,
+        "drain_timeout": 5.0,
+        "startup_timeout": 5.0,
+    }
+    for key, value in overrides.items():
+        if isinstance(value, dict) and isinstance(values.get(key), dict):
+            values[key] = {**values[key], **value}
+        else:
+            values[key] = value
+    settings = Settings(**values)
+    settings.check()
+    return settings
+
+
+class RelayThread:
+    """A relay running on its own loop in a thread."""
+
+    def __init__(self, settings: Settings, sinks: Sequence[tuple[Sink, RouteFilter]] | None):
+        self.settings = settings
+        self._sinks = sinks
+        self.relay: Relay | None = None
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self._stop: asyncio.Event | None = None
+        self.error: BaseException | None = None
+        self._ready = threading.Event()
+        self._thread = threading.Thread(target=self._main, name="relay", daemon=True)
+
+    def _main(self) -> None:
+        try:
+            asyncio.run(self._run())
+        except BaseException as exc:  # reported to the test thread
+            self.error = exc
+        finally:
+            self._ready.set()
+
+    async def _run(self) -> None:
+        stamina.instrumentation.set_on_retry_hooks([])
+        self.loop = asyncio.get_running_loop()
+        self._stop = asyncio.Event()
+        self.relay = Relay(self.settings, sinks=self._sinks)
+        self._ready.set()
+        await self.relay.run(self._stop)
+
+    def start(self, wait_connected: float) -> Relay:
+        self._thread.start()
+        self._ready.wait(30)
+        deadline = time.monotonic() + wait_connected
+        while self.error is None and not (self.relay and self.relay.reader.connected):
+            if time.monotonic() > deadline:
+                raise AssertionError(
+                    f"relay did not connect to the engine within {wait_connected}s: "
+                    f"{self.relay.reader.last_error if self.relay else 'not built'}"
+                )
+            time.sleep(0.02)
+        if self.error is not None:
+            raise self.error
+        assert self.relay is not None
+        return self.relay
+
+    def stop(self, timeout: float) -> None:
+        if self.loop is not None and self._stop is not None and self._thread.is_alive():
+            self.loop.call_soon_threadsafe(self._stop.set)
+        self._thread.join(timeout)
+        if self._thread.is_alive():
+            raise AssertionError(f"relay did not stop within {timeout}s")
+        if self.error is not None:
+            raise self.error
+
+
+@contextlib.asynccontextmanager
+async def running_relay(
+    settings: Settings,
+    sinks: Sequence[tuple[Sink, RouteFilter]] | None = None,
+    *,
+    wait_connected: float = 30.0,
+) -> AsyncIterator[Relay]:
+    """Start the relay, wait until it is connected to the engine, yield it, stop it (SIGTERM
+    path: drain, close sinks) on exit. `sinks=None` builds the sinks from `settings.sinks`."""
+    runner = RelayThread(settings, sinks)
+    relay = await asyncio.to_thread(runner.start, wait_connected)
+    try:
+        yield relay
+    finally:
+        await asyncio.to_thread(runner.stop, settings.drain_timeout + 20)

@@ -1,0 +1,298 @@
+"""Routing, checkpoint bookkeeping, outbox overflow and the retry/dead-letter outcomes.
+
+The sinks here are scripted stand-ins: these tests check the pure logic of the outbox and the
+retry policy. Real destinations are proven in tests/integration.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import msgspec
+import pytest
+
+from relay.checkpoint import CheckpointStore, CheckpointTracker, Position
+from relay.deadletter import DeadLetter
+from relay.errors import (
+    PartialDeliveryError,
+    PermanentSinkError,
+    RetryableSinkError,
+    SinkError,
+    SinkStoppedError,
+)
+from relay.metrics import Metrics
+from relay.outbox import SinkWorker
+from relay.retry import RetryPolicy, full_jitter
+from relay.router import RouteFilter
+from relay.schema import Event
+from relay.settings import RetrySettings
+from sinks.base import Sink
+from tests.contract import sample_events
+
+FAST = RetrySettings(wait_initial=0.001, wait_max=0.005, retry_after_max=0.05)
+
+
+class ScriptedSink(Sink):
+    """Answers each send with the next scripted outcome (None = success)."""
+
+    def __init__(self, script: Sequence[Exception | None | str] = ()) -> None:
+        super().__init__("scripted", max_batch=10)
+        self.script = list(script)
+        self.calls: list[list[str]] = []
+        self.delivered: list[str] = []
+
+    async def start(self) -> None:
+        pass
+
+    async def send(self, batch: Sequence[Event]) -> None:
+        self.calls.append([e.id for e in batch])
+        outcome = self.script.pop(0) if self.script else None
+        if isinstance(outcome, PartialDeliveryError):
+            self.delivered += [e.id for i, e in enumerate(batch) if i not in outcome.failures]
+            raise outcome
+        if isinstance(outcome, Exception):
+            raise outcome
+        self.delivered += [e.id for e in batch]
+
+    async def aclose(self) -> None:
+        pass
+
+
+def make_worker(
+    sink: Sink, tmp_path: Path, *, max_events: int = 1000, overflow: str = "dead_letter",
+    retry: RetrySettings = FAST,
+) -> tuple[SinkWorker, CheckpointTracker, DeadLetter, Metrics]:
+    tracker = CheckpointTracker()
+    tracker.reset("E", None)
+    dl = DeadLetter(tmp_path / "dl.jsonl")
+    metrics = Metrics()
+    worker = SinkWorker(sink, max_events, overflow, RetryPolicy(retry), dl,  # type: ignore[arg-type]
+                        metrics, tracker.done)
+    return worker, tracker, dl, metrics
+
+
+def feed(worker: SinkWorker, tracker: CheckpointTracker, events: list[Event]) -> None:
+    for e in events:
+        tracker.track(e.seq, e.time_nano, e.id, 1)
+        worker.put(e)
+
+
+async def drain(worker: SinkWorker) -> None:
+    worker.outbox.close()
+    await asyncio.wait_for(worker.run(), 10)
+
+
+def dead_letters(path: Path) -> list[dict]:  # type: ignore[type-arg]
+    if not path.exists():
+        return []
+    return [msgspec.json.decode(line) for line in path.read_bytes().splitlines()]
+
+
+def value(metrics: Metrics, name: str, **labels: str) -> float:
+    v = metrics.registry.get_sample_value(name, labels)
+    return v or 0.0
+
+
+# -- routing ---------------------------------------------------------------------------------
+
+def test_route_filter_conditions() -> None:
+    events = sample_events(78)
+    by = lambda f: {(e.ce.data.type, e.ce.data.action) for e in events if f.matches(e)}  # noqa: E731
+    assert by(RouteFilter(types=frozenset({"volume"}))) == {
+        ("volume", a) for a in ("create", "mount", "unmount", "destroy", "prune")
+    }
+    assert by(RouteFilter(actions=frozenset({"prune"}))) == {
+        (t, "prune") for t in ("container", "network", "volume", "image", "builder")
+    }
+    no_exec = by(RouteFilter(types=frozenset({"container"}),
+                             exclude_actions=frozenset({"exec_create", "exec_start", "exec_die"})))
+    assert ("container", "start") in no_exec and ("container", "exec_start") not in no_exec
+    labelled = [e for e in events if RouteFilter(labels={"app": "web"}).matches(e)]
+    assert labelled and all(e.ce.data.actor.labels["app"] == "web" for e in labelled)
+    assert not [e for e in events if RouteFilter(labels={"app": "db"}).matches(e)]
+    assert {e.ce.data.type for e in events if RouteFilter(labels={"com.example.owner": "*"})
+            .matches(e)} == {"container", "image"}
+    big = RouteFilter(actions=frozenset({"prune"}), min_reclaimed_bytes=1_000_000)
+    assert [(e.ce.data.type, e.ce.data.reclaimed_bytes) for e in events if big.matches(e)] == [
+        ("image", 1982256)
+    ]
+    assert RouteFilter().is_catch_all and not big.is_catch_all
+
+
+# -- checkpoint ------------------------------------------------------------------------------
+
+def test_checkpoint_advances_over_the_contiguous_finished_prefix() -> None:
+    t = CheckpointTracker()
+    t.reset("E", None)
+    t.track(1, 100, "a", 2)
+    t.track(2, 200, "b", 1)
+    t.track(3, 300, "c", 0)  # routed nowhere: finished at once, but behind 1 and 2
+    assert t.position.time_nano == 0
+    t.done(2)
+    assert t.position.time_nano == 0  # 1 is still owed by two sinks
+    t.done(1)
+    assert t.position.time_nano == 0
+    t.done(1)
+    assert t.position.time_nano == 300 and t.position.ids == ["a", "b", "c"]
+    assert t.in_flight == 0
+
+
+def test_position_dedupes_by_id_within_a_bounded_window(tmp_path: Path) -> None:
+    p = Position(keep=3)
+    p.advance(5, "a")
+    p.advance(7, "b")
+    p.advance(6, "c")  # the engine's stream is only roughly time-ordered
+    assert p.time_nano == 7
+    assert p.seen("a") and p.seen("b") and p.seen("c") and not p.seen("d")
+    p.advance(8, "d")
+    assert not p.seen("a") and p.ids == ["b", "c", "d"]  # bounded: the oldest id goes
+    store = CheckpointStore(tmp_path)
+    store.save("E", p)
+    assert store.load("E") == Position(8, ["b", "c", "d"])
+    assert store.load("OTHER") is None  # another engine's checkpoint is not used
+    (tmp_path / "checkpoint.json").write_text("{garbage")
+    assert store.load("E") is None
+
+
+# -- outbox outcomes -------------------------------------------------------------------------
+
+async def test_retryable_failures_are_retried_in_order_then_delivered(tmp_path: Path) -> None:
+    sink = ScriptedSink([RetryableSinkError("down"), RetryableSinkError("down"), None])
+    worker, tracker, _, metrics = make_worker(sink, tmp_path)
+    events = sample_events(25)
+    feed(worker, tracker, events)
+    await drain(worker)
+    assert sink.delivered == [e.id for e in events]
+    assert sink.calls[0] == sink.calls[1] == sink.calls[2]  # the same batch, three times
+    assert value(metrics, "relay_events_delivered_total", sink="scripted") == 25
+    assert value(metrics, "relay_events_retried_total", sink="scripted") == 20
+    assert tracker.position.time_nano == events[-1].time_nano
+    assert worker.failing_since is None
+
+
+async def test_permanent_failure_dead_letters_the_batch_with_the_error(tmp_path: Path) -> None:
+    sink = ScriptedSink([PermanentSinkError("422 unprocessable", sink="scripted")])
+    worker, tracker, dl, metrics = make_worker(sink, tmp_path)
+    events = sample_events(12)
+    feed(worker, tracker, events)
+    await drain(worker)
+    records = dead_letters(dl.path)
+    assert [r["event"]["id"] for r in records] == [e.id for e in events[:10]]
+    assert {r["reason"] for r in records} == {"permanent"}
+    assert records[0]["error"] == "[scripted] 422 unprocessable"
+    assert records[0]["error_type"] == "PermanentSinkError"
+    assert sink.delivered == [e.id for e in events[10:]]
+    assert len(sink.calls) == 2  # never retried
+    assert value(metrics, "relay_events_dead_lettered_total", sink="scripted",
+                 reason="permanent") == 10
+    assert tracker.position.time_nano == events[-1].time_nano
+
+
+async def test_partial_delivery_acks_some_retries_some_dead_letters_some(tmp_path: Path) -> None:
+    events = sample_events(4)
+    partial = PartialDeliveryError({1: PermanentSinkError("too large"),
+                                    3: RetryableSinkError("timeout")})
+    sink = ScriptedSink([partial, None])
+    worker, tracker, dl, _ = make_worker(sink, tmp_path)
+    feed(worker, tracker, events)
+    await drain(worker)
+    assert sink.calls == [[e.id for e in events], [events[3].id]]
+    assert sink.delivered == [events[0].id, events[2].id, events[3].id]
+    assert [r["event"]["id"] for r in dead_letters(dl.path)] == [events[1].id]
+    assert tracker.position.time_nano == events[-1].time_nano
+
+
+async def test_exhausted_retries_dead_letter(tmp_path: Path) -> None:
+    sink = ScriptedSink([RetryableSinkError("down")] * 10)
+    worker, tracker, dl, _ = make_worker(
+        sink, tmp_path, retry=RetrySettings(attempts=3, wait_initial=0.001, wait_max=0.002)
+    )
+    events = sample_events(2)
+    feed(worker, tracker, events)
+    await drain(worker)
+    assert len(sink.calls) == 3
+    assert [r["reason"] for r in dead_letters(dl.path)] == ["retries_exhausted"] * 2
+
+
+async def test_stopped_sink_dead_letters_everything_after(tmp_path: Path) -> None:
+    sink = ScriptedSink([SinkStoppedError("410 Gone")])
+    worker, tracker, dl, metrics = make_worker(sink, tmp_path)
+    events = sample_events(15)
+    feed(worker, tracker, events)
+    await drain(worker)
+    later = sample_events(2)
+    feed(worker, tracker, later)
+    assert worker.stopped_reason == "410 Gone"
+    assert len(sink.calls) == 1
+    assert [r["event"]["id"] for r in dead_letters(dl.path)] == [e.id for e in events + later]
+    assert value(metrics, "relay_sink_stopped", sink="scripted") == 1
+    assert tracker.in_flight == 0
+
+
+async def test_unexpected_exceptions_are_treated_as_retryable(tmp_path: Path) -> None:
+    sink = ScriptedSink([KeyError("bug in a client library"), None])
+    worker, tracker, _, _ = make_worker(sink, tmp_path)
+    events = sample_events(3)
+    feed(worker, tracker, events)
+    await drain(worker)
+    assert sink.delivered == [e.id for e in events]
+
+
+@pytest.mark.parametrize("overflow", ["dead_letter", "drop_oldest", "drop_newest"])
+def test_overflow_policies(tmp_path: Path, overflow: str) -> None:
+    sink = ScriptedSink()
+    worker, tracker, dl, metrics = make_worker(sink, tmp_path, max_events=3, overflow=overflow)
+    events = sample_events(5)
+    feed(worker, tracker, events)
+    kept = [e.id for e in worker.outbox.take_all()]
+    ids = [e.id for e in events]
+    if overflow == "dead_letter":
+        assert kept == ids[:3]
+        assert [r["event"]["id"] for r in dead_letters(dl.path)] == ids[3:]
+    elif overflow == "drop_oldest":
+        assert kept == ids[2:]
+        assert value(metrics, "relay_events_dropped_total", sink="scripted") == 2
+    else:
+        assert kept == ids[:3]
+        assert value(metrics, "relay_events_dropped_total", sink="scripted") == 2
+
+
+# -- the retry policy ------------------------------------------------------------------------
+
+def test_full_jitter_bounds() -> None:
+    samples = [full_jitter(5, 0.5, 3.0) for _ in range(2000)]
+    assert 0 <= min(samples) < 0.3 and 2.7 < max(samples) <= 3.0
+    assert max(full_jitter(1, 0.5, 30) for _ in range(500)) <= 0.5
+
+
+async def test_retry_after_replaces_the_backoff_and_is_capped() -> None:
+    policy = RetryPolicy(RetrySettings(wait_initial=10, wait_max=10, retry_after_max=0.3))
+    seen: list[float] = []
+    started = time.monotonic()
+    errors = [RetryableSinkError("429", retry_after=0.2), RetryableSinkError("429",
+                                                                           retry_after=99)]
+    async for attempt in policy.attempts():
+        with attempt:
+            seen.append(time.monotonic() - started)
+            if errors:
+                raise errors.pop(0)
+    gaps = [b - a for a, b in zip(seen, seen[1:], strict=False)]
+    assert len(seen) == 3
+    assert 0.19 <= gaps[0] < 1.0  # Retry-After 0.2 s, not the 10 s backoff
+    assert 0.29 <= gaps[1] < 1.0  # 99 s capped at retry_after_max
+
+
+async def test_permanent_and_foreign_errors_are_never_retried() -> None:
+    policy = RetryPolicy(FAST)
+    for exc in (PermanentSinkError("no"), ValueError("no")):
+        calls = 0
+        with pytest.raises(type(exc)):
+            async for attempt in policy.attempts():
+                with attempt:
+                    calls += 1
+                    raise exc
+        assert calls == 1
+    assert issubclass(SinkStoppedError, SinkError)
