@@ -25,14 +25,14 @@ from aiohttp import web
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from sinks.base import SinkContext  # noqa: E402 - after the path fix above
-from sinks.webhook import (  # noqa: E402
+from sinks.base import SinkContext
+from sinks.webhook import (
     BATCH_CONTENT_TYPE,
     WebhookSinkConfig,
     binary_headers,
     sign,
 )
-from tests.contract import sample_events  # noqa: E402
+from tests.contract import sample_events
 
 SECRET = "bench-secret"
 

@@ -1,7 +1,7 @@
 """Wiring: sinks and their workers first, then the reader; SIGTERM drains and closes in reverse.
 
-    reader -> queue -> dispatcher (normalize, dedupe, route) -> outbox[sink] -> worker -> sink
-                                                   checkpoint <- acks / dead-letters
+reader -> queue -> dispatcher (normalize, dedupe, route) -> outbox[sink] -> worker -> sink
+                                               checkpoint <- acks / dead-letters
 """
 
 from __future__ import annotations
@@ -114,8 +114,12 @@ class Relay:
                         await w.started_event.wait()
             for w in self.workers:
                 if not w.started:
-                    log.warning("sink %s not ready yet (%s); reading anyway, its outbox holds "
-                                "events until it is", w.name, w.last_error)
+                    log.warning(
+                        "sink %s not ready yet (%s); reading anyway, its outbox holds "
+                        "events until it is",
+                        w.name,
+                        w.last_error,
+                    )
             if self.http is not None:
                 await self.http.start()
             flusher = tg.create_task(
@@ -138,9 +142,11 @@ class Relay:
                 w.outbox.close()
             _, late = await asyncio.wait(worker_tasks, timeout=s.drain_timeout or None)
             for task in late:
-                log.warning("drain deadline passed: %s left events undelivered (they are "
-                            "replayed after a restart if within the engine's window)",
-                            task.get_name())
+                log.warning(
+                    "drain deadline passed: %s left events undelivered (they are "
+                    "replayed after a restart if within the engine's window)",
+                    task.get_name(),
+                )
                 task.cancel()
             for w in reversed(self.workers):
                 try:
@@ -152,17 +158,11 @@ class Relay:
             await self.http.aclose()
         flush(self.tracker, self.store)
         self.dead_letter.close()
-        log.info(
-            "stopped; checkpoint at timeNano %s", self.tracker.position.time_nano or "none"
-        )
+        log.info("stopped; checkpoint at timeNano %s", self.tracker.position.time_nano or "none")
 
 
 async def serve(settings: Settings) -> int:
     """Run until SIGTERM or SIGINT; exit code 0."""
-    import stamina.instrumentation
-
-    # The outbox logs one line per retry burst itself; stamina's per-retry lines would repeat it.
-    stamina.instrumentation.set_on_retry_hooks([])
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

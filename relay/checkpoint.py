@@ -58,8 +58,11 @@ class Position:
         return Position(self.time_nano, self._order, self._order.maxlen or 1024)
 
     def __eq__(self, other: object) -> bool:
-        return (isinstance(other, Position) and other.time_nano == self.time_nano
-                and other.ids == self.ids)
+        return (
+            isinstance(other, Position)
+            and other.time_nano == self.time_nano
+            and other.ids == self.ids
+        )
 
     def __repr__(self) -> str:
         return f"Position(time_nano={self.time_nano}, ids={len(self._order)})"

@@ -38,7 +38,7 @@ class DeadLetter:
     def _open(self) -> IO[bytes]:
         if self._file is None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            self._file = open(self.path, "ab")  # noqa: SIM115 - kept open for the process' life
+            self._file = open(self.path, "ab")
         return self._file
 
     def write_event(

@@ -17,10 +17,10 @@ import contextlib
 import logging
 import os
 import time
-from datetime import datetime
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from datetime import datetime
+from typing import Any, Protocol
 
 import aiodocker
 import aiohttp
@@ -60,6 +60,23 @@ def engine_address(settings: Settings) -> str:
     return settings.engine.host or os.environ.get("DOCKER_HOST") or "unix:///var/run/docker.sock"
 
 
+class LineFramer:
+    """Splits a byte stream into lines. A socket read is never taken for one event: reads split
+    events and merge them at will."""
+
+    __slots__ = ("_partial",)
+
+    def __init__(self) -> None:
+        self._partial = b""
+
+    def feed(self, chunk: bytes) -> list[bytes]:
+        if self._partial:
+            chunk = self._partial + chunk
+        lines = chunk.split(b"\n")
+        self._partial = lines.pop()
+        return lines
+
+
 class EngineReader:
     def __init__(
         self,
@@ -87,19 +104,31 @@ class EngineReader:
             try:
                 await self._stream(first)
                 raise SourceError("event stream ended")
-            except (SourceError, aiodocker.DockerError, aiohttp.ClientError, OSError,
-                    asyncio.TimeoutError, ValueError) as exc:
+            except (
+                TimeoutError,
+                SourceError,
+                aiodocker.DockerError,
+                aiohttp.ClientError,
+                OSError,
+                ValueError,
+            ) as exc:
                 was_connected = self.connected
                 self._set_connected(False)
                 failures = 1 if was_connected else failures + 1
                 self.last_error = f"{type(exc).__name__}: {exc}"
-                wait = full_jitter(failures, self.settings.engine.reconnect_initial,
-                                   self.settings.engine.reconnect_max)
+                wait = full_jitter(
+                    failures,
+                    self.settings.engine.reconnect_initial,
+                    self.settings.engine.reconnect_max,
+                )
                 # One line when the stream breaks, then one per 10 attempts while it stays down.
                 if was_connected or failures == 1 or failures % 10 == 0:
                     log.warning(
                         "engine %s: %s; reconnecting (attempt %d, next in %.1fs)",
-                        address, self.last_error, failures, wait,
+                        address,
+                        self.last_error,
+                        failures,
+                        wait,
                     )
                 first = False
                 await asyncio.sleep(wait)
@@ -147,8 +176,12 @@ class EngineReader:
                     self.metrics.engine_reconnects.inc()
                 log.info(
                     "engine %s connected: id=%s name=%s version=%s api=%s since=%s",
-                    engine_address(self.settings), engine.id, engine.name, engine.version,
-                    engine.api_version, params["since"],
+                    engine_address(self.settings),
+                    engine.id,
+                    engine.name,
+                    engine.version,
+                    engine.api_version,
+                    params["since"],
                 )
                 normalizer = Normalizer(
                     engine,
@@ -163,15 +196,12 @@ class EngineReader:
 
     async def _read(self, response: aiohttp.ClientResponse) -> None:
         content = response.content
-        partial = b""
+        framer = LineFramer()
         while True:
             chunk = await content.readany()
             if not chunk:
                 return
-            if partial:
-                chunk = partial + chunk
-            lines = chunk.split(b"\n")
-            partial = lines.pop()
+            lines = framer.feed(chunk)
             if lines:
                 self._put(lines)
 
@@ -187,13 +217,13 @@ class EngineReader:
                 log.error("reader queue full: dropped %d line(s)", len(item))
 
 
-def _engine_now(info: dict[str, object]) -> int:
+def _engine_now(info: Mapping[str, Any]) -> int:
     """The engine's clock from /info `SystemTime` (RFC 3339, ns), else ours."""
     text = str(info.get("SystemTime") or "")
     try:
         head, _, frac = text.partition(".")
         digits = "".join(ch for ch in frac if ch.isdigit())
-        tail = frac[len(digits):]
+        tail = frac[len(digits) :]
         stamp = datetime.fromisoformat(head + (tail if tail not in ("", "Z") else "+00:00"))
         return int(stamp.timestamp()) * 10**9 + int((digits + "000000000")[:9])
     except ValueError:
@@ -295,10 +325,9 @@ class Dispatcher:
         log.warning(
             "the engine's replay starts after the last event handled (since=%s, first=%s): "
             "events in between may be lost (engine restarted, or more than 256 events since)",
-            since_param(since), since_param(first),
+            since_param(since),
+            since_param(first),
         )
-        ce = normalizer.gap(
-            since, first, "replay did not reach back to the last handled event"
-        )
+        ce = normalizer.gap(since, first, "replay did not reach back to the last handled event")
         self.cursor.advance(first, ce.id)
         self._emit(Event(ce))

@@ -6,15 +6,33 @@ import time
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30,
-                   60, 300)
+LATENCY_BUCKETS = (
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1,
+    2.5,
+    5,
+    10,
+    30,
+    60,
+    300,
+)
 
 
 class Metrics:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         r = self.registry = registry or CollectorRegistry()
         self.events_read = Counter(
-            "relay_events_read", "Engine events read, by type and action.", ["type", "action"],
+            "relay_events_read",
+            "Engine events read, by type and action.",
+            ["type", "action"],
             registry=r,
         )
         self.events_malformed = Counter(
@@ -40,32 +58,44 @@ class Metrics:
             "relay_events_delivered", "Events acknowledged by the sink.", ["sink"], registry=r
         )
         self.events_retried = Counter(
-            "relay_events_retried", "Events in delivery attempts that were retried.", ["sink"],
+            "relay_events_retried",
+            "Events in delivery attempts that were retried.",
+            ["sink"],
             registry=r,
         )
         self.events_dead_lettered = Counter(
-            "relay_events_dead_lettered", "Events written to the dead-letter file.",
-            ["sink", "reason"], registry=r,
+            "relay_events_dead_lettered",
+            "Events written to the dead-letter file.",
+            ["sink", "reason"],
+            registry=r,
         )
         self.events_dropped = Counter(
-            "relay_events_dropped", "Events dropped by an outbox overflow policy.", ["sink"],
+            "relay_events_dropped",
+            "Events dropped by an outbox overflow policy.",
+            ["sink"],
             registry=r,
         )
         self.outbox_depth = Gauge(
             "relay_outbox_depth", "Events waiting in the sink's outbox.", ["sink"], registry=r
         )
         self.sink_up = Gauge(
-            "relay_sink_up", "1 when the sink's last attempt succeeded, 0 while failing or "
-            "stopped.", ["sink"], registry=r,
+            "relay_sink_up",
+            "1 when the sink's last attempt succeeded, 0 while failing or stopped.",
+            ["sink"],
+            registry=r,
         )
         self.sink_stopped = Gauge(
-            "relay_sink_stopped", "1 when the destination told the sink to stop (HTTP 410).",
-            ["sink"], registry=r,
+            "relay_sink_stopped",
+            "1 when the destination told the sink to stop (HTTP 410).",
+            ["sink"],
+            registry=r,
         )
         self.delivery_latency = Histogram(
             "relay_delivery_latency_seconds",
-            "From the engine's timeNano to the sink's acknowledgement.", ["sink"],
-            buckets=LATENCY_BUCKETS, registry=r,
+            "From the engine's timeNano to the sink's acknowledgement.",
+            ["sink"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
         )
         self.engine_connected = Gauge(
             "relay_engine_connected", "1 while the event stream is open.", registry=r
@@ -77,15 +107,18 @@ class Metrics:
             "relay_last_event_timestamp_seconds", "Unix time of the last event read.", registry=r
         )
         self.seconds_since_last_event = Gauge(
-            "relay_seconds_since_last_event", "Seconds since the last event was read "
-            "(since start while none).", registry=r,
+            "relay_seconds_since_last_event",
+            "Seconds since the last event was read (since start while none).",
+            registry=r,
         )
         self._started = time.time()
         self._last_event_at: float | None = None
         self.seconds_since_last_event.set_function(self._since_last)
         self.reclaimed_bytes = Counter(
-            "relay_reclaimed_bytes", "Bytes reclaimed by prune events, by resource type.",
-            ["type"], registry=r,
+            "relay_reclaimed_bytes",
+            "Bytes reclaimed by prune events, by resource type.",
+            ["type"],
+            registry=r,
         )
         self._read_children: dict[tuple[str, str], Counter] = {}
 

@@ -106,8 +106,9 @@ class Normalizer:
             raise MalformedEventError(f"not an engine event: {exc}", line) from exc
         if not raw.Type or not raw.Action or raw.timeNano <= 0:
             raise MalformedEventError("not an engine event: Type, Action or timeNano missing", line)
-        return self.build(raw.Type, raw.Action, raw.Actor.ID, raw.Actor.Attributes, raw.scope,
-                          raw.timeNano)
+        return self.build(
+            raw.Type, raw.Action, raw.Actor.ID, raw.Actor.Attributes, raw.scope, raw.timeNano
+        )
 
     def build(
         self,

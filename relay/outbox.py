@@ -181,9 +181,10 @@ class SinkWorker:
                 # The first attempt runs outside any retry context: creating one per batch
                 # costs more than delivering a small batch, and nearly every batch succeeds.
                 pending = await self._attempt(pending)
-            except RetryableSinkError:
+            except RetryableSinkError as first:
                 if not self.policy.retries_after(1):
                     raise
+                await asyncio.sleep(self.policy.wait_for(first, attempt=1))
                 async for attempt in self.policy.attempts(done=1):
                     with attempt:
                         self.metrics.events_retried.labels(self.name).inc(len(pending))
@@ -199,7 +200,9 @@ class SinkWorker:
         except SinkError as exc:
             log.error(
                 "sink %s: giving up on %d event(s) after retries, dead-lettered: %s",
-                self.name, len(pending), exc,
+                self.name,
+                len(pending),
+                exc,
             )
             self._dead_letter(pending, "retries_exhausted", exc)
             return
@@ -285,7 +288,8 @@ class SinkWorker:
         if self.failing_since is not None:
             log.warning(
                 "sink %s: delivering again after %.1fs of failures",
-                self.name, time.monotonic() - self.failing_since,
+                self.name,
+                time.monotonic() - self.failing_since,
             )
             self.failing_since = None
             self.last_error = None
@@ -297,7 +301,9 @@ class SinkWorker:
             self.metrics.sink_stopped.labels(self.name).set(1)
             log.error(
                 "sink %s: STOPPED by the destination (%s); its events now go to the dead-letter "
-                "file", self.name, reason,
+                "file",
+                self.name,
+                reason,
             )
             self._dead_letter(self.outbox.take_all(), "sink_stopped", reason)
             self._depth.set(0)

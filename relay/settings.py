@@ -10,7 +10,6 @@ import contextvars
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from pydantic_settings import (
     BaseSettings,
@@ -23,7 +22,11 @@ from relay.normalize import ExecCommandMode
 from relay.schema import DEFAULT_TYPE_PREFIX
 from sinks.registry import SinkConfig
 
-_yaml_data: contextvars.ContextVar[dict[str, Any]] = contextvars.ContextVar("yaml", default={})
+# The YAML file's content for the settings source below; pydantic-settings builds sources
+# per class, so the path cannot be passed per call otherwise. Set and reset around one load.
+_yaml_data: contextvars.ContextVar[dict[str, Any] | None] = contextvars.ContextVar(
+    "yaml", default=None
+)
 
 
 class _Section(BaseModel):
@@ -174,10 +177,10 @@ class Settings(BaseSettings):
 
 class _YamlSource(PydanticBaseSettingsSource):
     def get_field_value(self, field: Any, field_name: str) -> tuple[Any, str, bool]:
-        return _yaml_data.get().get(field_name), field_name, False
+        return (_yaml_data.get() or {}).get(field_name), field_name, False
 
     def __call__(self) -> dict[str, Any]:
-        return dict(_yaml_data.get())
+        return dict(_yaml_data.get() or {})
 
 
 def _setting_name(loc: tuple[int | str, ...]) -> str:
@@ -202,6 +205,7 @@ def load_settings(config_file: Path | None = None) -> Settings:
     """Read and validate the configuration; raise ConfigError naming the first bad setting."""
     data: dict[str, Any] = {}
     if config_file is not None:
+        import yaml  # only when a file is given
         try:
             loaded = yaml.safe_load(config_file.read_text())
         except OSError as exc:

@@ -384,6 +384,7 @@ class KafkaSink(Sink):
         self._binary = config.content_mode == "binary"
         self._producer: AIOKafkaProducer | None = None
         self._closed = False
+        self._reconnect = False
 
     def describe(self) -> dict[str, Any]:
         c = self.config
@@ -414,11 +415,12 @@ class KafkaSink(Sink):
         except (KafkaError, OSError, TimeoutError) as exc:
             # A failed start leaves tasks and sockets behind; a fresh producer is built next time.
             await _stop_quietly(producer)
+            # aiokafka only logs why a bootstrap failed; find out again, for the one line that
+            # names this sink.
             detail = await self._diagnose() if _is_connection_error(exc) else None
             raise RetryableSinkError(
                 f"cannot connect to {','.join(self.config.bootstrap_servers)} "
-                f"({self.config.security_protocol}): {_describe(exc)}"
-                + (f"; {detail}" if detail else ""),
+                f"({self.config.security_protocol}): {detail or _describe(exc)}",
                 sink=self.name,
             ) from exc
         except BaseException:
@@ -429,6 +431,15 @@ class KafkaSink(Sink):
     async def send(self, batch: Sequence[Event]) -> None:
         if self._closed:
             raise PermanentSinkError("send after close", sink=self.name)
+        if self._reconnect:
+            # After a failed attempt, start over with a fresh client: its first send asks the
+            # broker for the topic's metadata again. A broker that came back empty (tansu in
+            # memory; a recreated cluster) would otherwise take records for a topic it no
+            # longer has and keep none of them.
+            self._reconnect = False
+            producer, self._producer = self._producer, None
+            if producer is not None:
+                await _stop_quietly(producer)
         if self._producer is None:
             await self.start()
         producer = self._producer
@@ -480,6 +491,8 @@ class KafkaSink(Sink):
                     )
         if not failures:
             return
+        if any(isinstance(err, RetryableSinkError) for err in failures.values()):
+            self._reconnect = True
         if len(failures) == len(batch):
             # Nothing went through and every event may: one plain retry, one log line.
             if all(isinstance(err, RetryableSinkError) for err in failures.values()):
@@ -518,6 +531,11 @@ class KafkaSink(Sink):
                 f"(max_request_size {self.config.max_request_size}): {text}",
                 sink=self.name,
             )
+        if isinstance(exc, e.UnknownError):
+            # UNKNOWN_SERVER_ERROR says the broker failed, not that the record is bad (tansu
+            # answers it while it comes back up): keep the event; `retry.attempts`/`timeout`
+            # bound how long.
+            return RetryableSinkError(f"broker error for topic {topic!r}: {text}", sink=self.name)
         if isinstance(exc, e.InvalidTopicError):
             return PermanentSinkError(f"invalid topic {topic!r}: {text}", sink=self.name)
         if isinstance(
@@ -571,7 +589,9 @@ def _is_connection_error(exc: BaseException) -> bool:
 def _describe(exc: BaseException) -> str:
     text = str(exc)
     name = type(exc).__name__
-    return f"{name}: {text}" if text and text != name else name
+    if not text or text == name:
+        return name
+    return text if text.startswith(name) else f"{name}: {text}"
 
 
 async def _stop_quietly(producer: AIOKafkaProducer) -> None:

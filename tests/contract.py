@@ -51,9 +51,14 @@ def sample_events(count: int, engine_id: str | None = None) -> list[Event]:
         ce = normalizer.normalize(line)
         # Recycled lines would repeat ids: shift time so every event is distinct.
         seq = next(_seq)
-        ce = normalizer.build(ce.data.type, _full_action(ce), ce.data.actor.id,
-                              {**ce.data.actor.attributes, **ce.data.actor.labels},
-                              ce.data.scope, ce.data.time_nano + seq)
+        ce = normalizer.build(
+            ce.data.type,
+            _full_action(ce),
+            ce.data.actor.id,
+            {**ce.data.actor.attributes, **ce.data.actor.labels},
+            ce.data.scope,
+            ce.data.time_nano + seq,
+        )
         out.append(Event(ce, seq))
     return out
 
@@ -73,8 +78,12 @@ class SinkContract(abc.ABC):
     def make_sink(self) -> Sink: ...
 
     @abc.abstractmethod
-    async def read_back(self, sink: Sink, ids: list[str], timeout: float) -> list[dict[str, Any]]:
-        ...
+    async def read_back(
+        self,
+        sink: Sink,
+        ids: list[str],
+        timeout: float,  # noqa: ASYNC109 - a deadline for polling, not a cancellation scope
+    ) -> list[dict[str, Any]]: ...
 
     @abc.abstractmethod
     def make_unreachable_sink(self) -> Sink: ...

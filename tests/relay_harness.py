@@ -15,8 +15,6 @@ from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 from typing import Any
 
-import stamina.instrumentation
-
 from relay.app import Relay
 from relay.router import RouteFilter
 from relay.settings import Settings
@@ -68,7 +66,6 @@ class RelayThread:
             self._ready.set()
 
     async def _run(self) -> None:
-        stamina.instrumentation.set_on_retry_hooks([])
         self.loop = asyncio.get_running_loop()
         self._stop = asyncio.Event()
         self.relay = Relay(self.settings, sinks=self._sinks)

@@ -18,8 +18,9 @@ PRUNED_TYPES = ("container", "network", "volume", "image", "builder")
 
 def ensure_busybox(engine: PrivateEngine) -> None:
     """busybox:latest again (a prune with -a removes it)."""
-    subprocess.run([str(ENGINE_SH), "ready", str(engine.workdir)], check=True,
-                   capture_output=True, timeout=120)
+    subprocess.run(
+        [str(ENGINE_SH), "ready", str(engine.workdir)], check=True, capture_output=True, timeout=120
+    )
 
 
 def engine_time(engine: PrivateEngine) -> str:
@@ -27,7 +28,9 @@ def engine_time(engine: PrivateEngine) -> str:
     return f"{time.time():.9f}"
 
 
-def engine_events(engine: PrivateEngine, since: str, until: str, *filters: str) -> list[dict[str, Any]]:
+def engine_events(
+    engine: PrivateEngine, since: str, until: str, *filters: str
+) -> list[dict[str, Any]]:
     """What the engine's own `docker events` reports for a past window (its 256-event ring)."""
     args = ["events", "--since", since, "--until", until, "--format", "{{json .}}"]
     for f in filters:
@@ -48,8 +51,16 @@ def prune_scenario(engine: PrivateEngine) -> dict[str, int]:
     engine.cli("volume", "create", f"vol-{tag}")
     # An anonymous volume: engines with API >= 1.42 prune only anonymous ones by default.
     engine.cli(
-        "run", "--network", "none", "--name", f"writer-{tag}", "-v", "/data",
-        "busybox:latest", "sh", "-c",
+        "run",
+        "--network",
+        "none",
+        "--name",
+        f"writer-{tag}",
+        "-v",
+        "/data",
+        "busybox:latest",
+        "sh",
+        "-c",
         "dd if=/dev/zero of=/data/f bs=1M count=5 2>/dev/null && "
         "dd if=/dev/zero of=/f bs=1M count=5 2>/dev/null",
     )
@@ -83,5 +94,8 @@ def create_volumes(engine: PrivateEngine, names: list[str], label: str) -> None:
     other clients would: the relay under test must not share a CPU-bound thread with them)."""
     subprocess.run(
         [sys.executable, "-c", _CREATE_VOLUMES, engine.docker_host, label],
-        input="\n".join(names), text=True, check=True, timeout=300,
+        input="\n".join(names),
+        text=True,
+        check=True,
+        timeout=300,
     )

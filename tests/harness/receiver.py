@@ -226,7 +226,9 @@ class Receiver:
         return [e for r in self.delivered() for e in r.events()]
 
     async def wait_for_events(
-        self, count: int, timeout: float = 30.0,
+        self, count: int,
+        # The deadline of the wait, as in harness.wait; checked there.
+        timeout: float = 30.0,  # noqa: ASYNC109
         where: Callable[[dict[str, Any]], bool] | None = None,
     ) -> list[dict[str, Any]]:
         def enough() -> list[dict[str, Any]] | None:
@@ -239,7 +241,9 @@ class Receiver:
         assert result is not None
         return result
 
-    async def wait_for_requests(self, count: int, timeout: float = 30.0) -> list[Recorded]:
+    async def wait_for_requests(
+        self, count: int, timeout: float = 30.0  # noqa: ASYNC109 - a deadline, as in harness.wait
+    ) -> list[Recorded]:
         await async_wait_for(
             lambda: len(self.requests) >= count, timeout,
             message=f"{count} request(s) at the receiver",

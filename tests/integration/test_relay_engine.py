@@ -4,6 +4,7 @@ stdout sink writing to a real file."""
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import os
 import signal
@@ -20,6 +21,7 @@ from relay.normalize import event_id
 from relay.router import RouteFilter
 from sinks.stdout import StdoutSink
 from tests.harness import PrivateEngine, async_wait_for, wait_for
+from tests.harness.engine import docker_cli_path
 from tests.relay_harness import RelayThread, relay_settings, running_relay
 from tests.scenarios import (
     PRUNED_TYPES,
@@ -53,7 +55,7 @@ def events_once(path: Path, predicate: Any) -> Any:
 
 
 def file_sink(path: Path) -> tuple[StdoutSink, RouteFilter]:
-    return StdoutSink("stdout", 500, stream=open(path, "wb")), RouteFilter()  # noqa: SIM115
+    return StdoutSink("stdout", 500, stream=open(path, "wb")), RouteFilter()
 
 
 def engine_id_of(engine: PrivateEngine) -> str:
@@ -70,9 +72,11 @@ async def test_prune_scenario_reclaimed_bytes(engine: PrivateEngine, tmp_path: P
     async with running_relay(settings, [file_sink(out)]):
         reported = await asyncio.to_thread(prune_scenario, engine)
         prunes = await async_wait_for(
-            lambda: len(p := [e for e in read_events(out) if e["data"]["action"] == "prune"]) >= 5
-            and p,
-            timeout=30, message="five prune events in the relay's output",
+            lambda: (
+                len(p := [e for e in read_events(out) if e["data"]["action"] == "prune"]) >= 5 and p
+            ),
+            timeout=30,
+            message="five prune events in the relay's output",
         )
     assert sorted(e["data"]["type"] for e in prunes) == sorted(PRUNED_TYPES)
     got = {e["data"]["type"]: e["data"]["reclaimed_bytes"] for e in prunes}
@@ -92,12 +96,22 @@ async def test_burst_of_5000_volumes_every_event_once_in_engine_order(
     out = tmp_path / "out.jsonl"
     uid = engine_id_of(engine)
     since = engine_time(engine)
-    # The engine's own account: a second, independent subscriber (the docker CLI).
-    witness_out = open(tmp_path / "witness.jsonl", "wb")  # noqa: SIM115
-    witness = subprocess.Popen(
-        ["docker", "events", "--since", since, "--filter", "type=volume",
-         "--format", "{{json .}}"],
-        stdout=witness_out, env=engine.env(),
+    # The engine's own account: a second, independent subscriber (the docker CLI). Blocking
+    # calls in this async test are fine: the relay runs on its own thread and loop.
+    witness_out = open(tmp_path / "witness.jsonl", "wb")  # noqa: ASYNC230
+    witness = subprocess.Popen(  # noqa: ASYNC220
+        [
+            docker_cli_path(),
+            "events",
+            "--since",
+            since,
+            "--filter",
+            "type=volume",
+            "--format",
+            "{{json .}}",
+        ],
+        stdout=witness_out,
+        env=engine.env(),
     )
     try:
         settings = relay_settings(engine.docker_host, tmp_path / "state")
@@ -110,14 +124,18 @@ async def test_burst_of_5000_volumes_every_event_once_in_engine_order(
             assert "Total reclaimed space" in pruned.stdout
 
             def relay_prunes() -> bool:
-                return any(e["data"]["action"] == "prune" and e["data"]["type"] == "volume"
-                           and e["data"]["time_nano"] > int(float(since) * 1e9)
-                           for e in read_events(out))
+                return any(
+                    e["data"]["action"] == "prune"
+                    and e["data"]["type"] == "volume"
+                    and e["data"]["time_nano"] > int(float(since) * 1e9)
+                    for e in read_events(out)
+                )
 
             await async_wait_for(relay_prunes, timeout=60, message="the relay saw the prune")
             await async_wait_for(
                 lambda: b'"Action":"prune"' in (tmp_path / "witness.jsonl").read_bytes(),
-                timeout=60, message="docker events saw the prune",
+                timeout=60,
+                message="docker events saw the prune",
             )
     finally:
         witness.terminate()
@@ -128,11 +146,13 @@ async def test_burst_of_5000_volumes_every_event_once_in_engine_order(
         return raw_actor.startswith(f"burst-{tag}-") or action == "prune"
 
     expected = [
-        ce_id(uid, raw) for raw in read_events(tmp_path / "witness.jsonl")
+        ce_id(uid, raw)
+        for raw in read_events(tmp_path / "witness.jsonl")
         if ours(raw["Actor"]["ID"], raw["Action"])
     ]
     got_events = [
-        e for e in read_events(out)
+        e
+        for e in read_events(out)
         if e["data"]["type"] == "volume" and ours(e["data"]["actor"]["id"], e["data"]["action"])
     ]
     got = [e["id"] for e in got_events]
@@ -146,30 +166,40 @@ async def test_burst_of_5000_volumes_every_event_once_in_engine_order(
     # engine's few-ms jitter, not a reordering); the prune comes after every create.
     assert sorted(got) == sorted(expected), "the relay's events differ from the engine's account"
     times = [e["data"]["time_nano"] for e in got_events]
-    assert max(a - b for a, b in zip(times, times[1:], strict=False)) < 50_000_000
-    assert got_events[-1]["data"]["action"] == "prune" or got_events[-1]["data"]["action"] == \
-        "destroy"
+    assert max(a - b for a, b in itertools.pairwise(times)) < 50_000_000
+    assert (
+        got_events[-1]["data"]["action"] == "prune" or got_events[-1]["data"]["action"] == "destroy"
+    )
     last_create = max(i for i, e in enumerate(got_events) if e["data"]["action"] == "create")
     prune_at = next(i for i, e in enumerate(got_events) if e["data"]["action"] == "prune")
     assert prune_at > last_create
 
 
-def _start_cli_relay(engine: PrivateEngine, state: Path, out: Path, err: Path
-                     ) -> subprocess.Popen[bytes]:
+def _start_cli_relay(
+    engine: PrivateEngine, state: Path, out: Path, err: Path
+) -> subprocess.Popen[bytes]:
     env = {k: v for k, v in engine.env().items() if not k.startswith("RELAY_")}
-    env.update({
-        "RELAY_ENGINE__HOST": engine.docker_host,
-        "RELAY_ENGINE__FILTERS": json.dumps({"type": ["volume"]}),
-        "RELAY_STATE_DIR": str(state),
-        "RELAY_HTTP__ENABLED": "false",
-        "RELAY_CHECKPOINT_INTERVAL": "0.05",
-    })
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "relay", "run"], cwd=REPO, env=env,
-        stdout=open(out, "wb"), stderr=open(err, "wb"),  # noqa: SIM115
+    env.update(
+        {
+            "RELAY_ENGINE__HOST": engine.docker_host,
+            "RELAY_ENGINE__FILTERS": json.dumps({"type": ["volume"]}),
+            "RELAY_STATE_DIR": str(state),
+            "RELAY_HTTP__ENABLED": "false",
+            "RELAY_CHECKPOINT_INTERVAL": "0.05",
+        }
     )
-    wait_for(lambda: b"connected" in err.read_bytes() or proc.poll() is not None, timeout=30,
-             message="relay connected")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "relay", "run"],
+        cwd=REPO,
+        env=env,
+        stdout=open(out, "wb"),
+        stderr=open(err, "wb"),
+    )
+    wait_for(
+        lambda: b"connected" in err.read_bytes() or proc.poll() is not None,
+        timeout=30,
+        message="relay connected",
+    )
     assert proc.poll() is None, err.read_text()
     return proc
 
@@ -184,14 +214,29 @@ def test_restart_resumes_from_the_checkpoint_without_duplicates(
     for i in range(20):
         engine.cli("volume", "create", f"a-{tag}-{i}")
     seen_a = wait_for(
-        lambda: len(ev := [e for e in read_events(tmp_path / "out1.jsonl")
-                           if e["data"]["actor"]["id"].startswith(f"a-{tag}")]) == 20 and ev,
-        timeout=30, message="first run delivered the a-volumes",
+        lambda: (
+            len(
+                ev := [
+                    e
+                    for e in read_events(tmp_path / "out1.jsonl")
+                    if e["data"]["actor"]["id"].startswith(f"a-{tag}")
+                ]
+            )
+            == 20
+            and ev
+        ),
+        timeout=30,
+        message="first run delivered the a-volumes",
     )
     checkpoint = state / "checkpoint.json"
-    wait_for(lambda: checkpoint.exists()
-             and json.loads(checkpoint.read_text())["time_nano"] == seen_a[-1]["data"]["time_nano"],
-             timeout=10, message="checkpoint caught up")
+    wait_for(
+        lambda: (
+            checkpoint.exists()
+            and json.loads(checkpoint.read_text())["time_nano"] == seen_a[-1]["data"]["time_nano"]
+        ),
+        timeout=10,
+        message="checkpoint caught up",
+    )
     first.kill()  # no goodbye: SIGKILL mid-stream
     first.wait(10)
 
@@ -207,8 +252,11 @@ def test_restart_resumes_from_the_checkpoint_without_duplicates(
 
     second = _start_cli_relay(engine, state, tmp_path / "out2.jsonl", tmp_path / "err2.log")
     engine.cli("volume", "create", f"c-{tag}")
-    after = wait_for(events_once(tmp_path / "out2.jsonl", actor_is(f"c-{tag}")),
-                     timeout=30, message="second run delivered the live event")
+    after = wait_for(
+        events_once(tmp_path / "out2.jsonl", actor_is(f"c-{tag}")),
+        timeout=30,
+        message="second run delivered the live event",
+    )
     second.send_signal(signal.SIGTERM)
     assert second.wait(30) == 0, (tmp_path / "err2.log").read_text()
 
@@ -219,8 +267,10 @@ def test_restart_resumes_from_the_checkpoint_without_duplicates(
     assert not first_ids & set(ids), "events of the first run came out again"
     assert not [e for e in after if e["type"].endswith("relay.gap")]
     logs = [json.loads(line) for line in (tmp_path / "err2.log").read_text().splitlines()]
-    assert any("since=" in rec["message"] and "now" not in rec["message"].split("since=")[1]
-               for rec in logs)
+    assert any(
+        "since=" in rec["message"] and "now" not in rec["message"].split("since=")[1]
+        for rec in logs
+    )
 
 
 async def test_engine_restart_reconnects_and_goes_on(
@@ -234,15 +284,24 @@ async def test_engine_restart_reconnects_and_goes_on(
         await async_wait_for(events_once(out, actor_is("before-restart")), timeout=30)
         await asyncio.to_thread(engine.restart)
         await async_wait_for(
-            lambda: relay.reader.connected
-            and relay.metrics.registry.get_sample_value("relay_engine_reconnects_total") == 1,
-            timeout=30, message="relay reconnected by itself",
+            lambda: (
+                relay.reader.connected
+                and relay.metrics.registry.get_sample_value("relay_engine_reconnects_total") == 1
+            ),
+            timeout=30,
+            message="relay reconnected by itself",
         )
         await asyncio.to_thread(engine.cli, "volume", "create", "after-restart")
-        events = await async_wait_for(events_once(out, actor_is("after-restart")),
-                                      timeout=30, message="events after the engine restart")
-    volumes = [e["data"]["actor"]["id"] for e in events
-               if e["data"]["type"] == "volume" and e["data"]["action"] == "create"]
+        events = await async_wait_for(
+            events_once(out, actor_is("after-restart")),
+            timeout=30,
+            message="events after the engine restart",
+        )
+    volumes = [
+        e["data"]["actor"]["id"]
+        for e in events
+        if e["data"]["type"] == "volume" and e["data"]["action"] == "create"
+    ]
     assert volumes == ["before-restart", "after-restart"]
     # The engine's replay ring starts empty after a restart: the relay says there may be a gap.
     gaps = [e for e in events if e["type"] == "dev.docker-event-relay.relay.gap"]
@@ -266,11 +325,17 @@ def test_engine_unreachable_at_start_is_retried_with_a_clear_message(
         assert runner.relay is not None
         ready, reason = runner.relay.readiness()
         assert not ready and str(engine.socket_path) in reason
-        wait_for(lambda: str(engine.socket_path) in caplog.text and "reconnecting" in caplog.text,
-                 timeout=10, message="a log line naming the engine address")
+        wait_for(
+            lambda: str(engine.socket_path) in caplog.text and "reconnecting" in caplog.text,
+            timeout=10,
+            message="a log line naming the engine address",
+        )
         engine.start()
-        wait_for(lambda: runner.relay is not None and runner.relay.reader.connected, timeout=30,
-                 message="connected once the engine is up")
+        wait_for(
+            lambda: runner.relay is not None and runner.relay.reader.connected,
+            timeout=30,
+            message="connected once the engine is up",
+        )
         engine.cli("volume", "create", "late-engine")
         wait_for(events_once(out, actor_is("late-engine")), timeout=30)
     finally:

@@ -99,8 +99,9 @@ async def test_engine_events_arrive_signed_in_each_mode(
         cname = f"{prefix}-c"
         engine.cli("run", "--name", cname, "--label", "team=relay", "--network", "none",
                    "busybox:latest", "true")
-        events = await receiver.wait_for_events(
-            6, where=lambda e: e.get("subject", "").startswith(prefix)
+        await receiver.wait_for_events(
+            6,
+            where=lambda e: e.get("subject", "").startswith(prefix)
             and e["type"].endswith((".volume.create", ".container.die")),
         )
         assert delivered(relay) >= 6
@@ -528,7 +529,9 @@ class TestWebhookContract(SinkContract):
     def make_sink(self) -> Sink:
         return build(self.receiver, mode=self.mode, secret=SECRET)
 
-    async def read_back(self, sink: Sink, ids: list[str], timeout: float) -> list[dict[str, Any]]:
+    async def read_back(
+        self, sink: Sink, ids: list[str], timeout: float  # noqa: ASYNC109 - the contract's
+    ) -> list[dict[str, Any]]:
         wanted = set(ids)
         got = await self.receiver.wait_for_events(
             len(wanted), timeout, where=lambda e: e["id"] in wanted

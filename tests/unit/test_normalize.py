@@ -43,10 +43,14 @@ def test_every_recorded_message_normalizes(recording: str) -> None:
 @pytest.mark.parametrize(
     ("recording", "expected"),
     [
-        ("engine-20.10.24-events.jsonl",
-         {"container": 0, "network": 0, "volume": 0, "image": 1982256, "builder": 0}),
-        ("engine-28.5.2-events.jsonl",
-         {"container": 0, "network": 0, "volume": 0, "image": 1982256, "builder": 0}),
+        (
+            "engine-20.10.24-events.jsonl",
+            {"container": 0, "network": 0, "volume": 0, "image": 1982256, "builder": 0},
+        ),
+        (
+            "engine-28.5.2-events.jsonl",
+            {"container": 0, "network": 0, "volume": 0, "image": 1982256, "builder": 0},
+        ),
     ],
 )
 def test_prune_events_carry_reclaimed_bytes_as_integers(
@@ -67,8 +71,10 @@ def test_prune_events_carry_reclaimed_bytes_as_integers(
 
 
 def test_reclaimed_bytes_from_the_measured_scenario() -> None:
-    line = ('{"Type":"volume","Action":"prune","Actor":{"ID":"","Attributes":'
-            '{"reclaimed":"5242880"}},"scope":"local","time":1,"timeNano":1000000001}')
+    line = (
+        '{"Type":"volume","Action":"prune","Actor":{"ID":"","Attributes":'
+        '{"reclaimed":"5242880"}},"scope":"local","time":1,"timeNano":1000000001}'
+    )
     ce = norm(line)
     assert ce["data"]["reclaimed_bytes"] == 5242880
     assert ce["data"]["action"] == "prune"
@@ -77,7 +83,8 @@ def test_reclaimed_bytes_from_the_measured_scenario() -> None:
 
 def test_labels_are_kept_apart_from_attributes() -> None:
     line = next(
-        line for line in fixture_lines("engine-28.5.2-events.jsonl")
+        line
+        for line in fixture_lines("engine-28.5.2-events.jsonl")
         if b'"Action":"die"' in line and b"com.example.owner" in line
     )
     ce = norm(line)
@@ -105,8 +112,9 @@ def test_exec_command_line_is_kept_per_setting(mode: str, detail: str | None) ->
     assert ce["data"].get("action_detail") == detail
     # The id hashes the engine's full action whatever is kept.
     raw = msgspec.json.decode(line)
-    assert ce["id"] == event_id(ENGINE.id, raw["timeNano"], "container", raw["Action"],
-                                raw["Actor"]["ID"])
+    assert ce["id"] == event_id(
+        ENGINE.id, raw["timeNano"], "container", raw["Action"], raw["Actor"]["ID"]
+    )
 
 
 def test_image_create_of_api_151_and_daemon_reload() -> None:
@@ -121,8 +129,10 @@ def test_image_create_of_api_151_and_daemon_reload() -> None:
 
 
 def test_unknown_types_and_actions_pass_through() -> None:
-    line = ('{"Type":"gadget","Action":"teleport: far","Actor":{"ID":"g1","Attributes":'
-            '{"name":"g","weird":7}},"scope":"swarm","time":1,"timeNano":1700000000123456789}')
+    line = (
+        '{"Type":"gadget","Action":"teleport: far","Actor":{"ID":"g1","Attributes":'
+        '{"name":"g","weird":7}},"scope":"swarm","time":1,"timeNano":1700000000123456789}'
+    )
     ce = norm(line)
     assert ce["type"] == "dev.docker-event-relay.gadget.teleport"
     assert ce["data"]["action_detail"] == "far"
@@ -132,8 +142,10 @@ def test_unknown_types_and_actions_pass_through() -> None:
 
 
 def test_legacy_fields_are_ignored_and_ids_are_deterministic() -> None:
-    base = ('{"Type":"container","Action":"start","Actor":{"ID":"c1","Attributes":'
-            '{"name":"web"}},"scope":"local","time":1,"timeNano":5}')
+    base = (
+        '{"Type":"container","Action":"start","Actor":{"ID":"c1","Attributes":'
+        '{"name":"web"}},"scope":"local","time":1,"timeNano":5}'
+    )
     legacy = base[:-1] + ',"status":"start","id":"c1","from":"busybox"}'
     assert norm(base) == norm(legacy)
     assert norm(base)["id"] == norm(base)["id"]
@@ -143,8 +155,16 @@ def test_legacy_fields_are_ignored_and_ids_are_deterministic() -> None:
 
 @pytest.mark.parametrize(
     "line",
-    [b"not json", b"{", b"[]", b"42", b'{"Type":"container"}', b'{"Action":"x","timeNano":1}',
-     b'{"Type":"x","Action":"y","timeNano":"soon"}', b'\xff\xfe'],
+    [
+        b"not json",
+        b"{",
+        b"[]",
+        b"42",
+        b'{"Type":"container"}',
+        b'{"Action":"x","timeNano":1}',
+        b'{"Type":"x","Action":"y","timeNano":"soon"}',
+        b"\xff\xfe",
+    ],
 )
 def test_malformed_lines_raise_one_error_type_with_the_raw_line(line: bytes) -> None:
     with pytest.raises(MalformedEventError) as info:
@@ -165,6 +185,21 @@ def test_gap_marker_fits_the_schema() -> None:
     ce = msgspec.json.decode(Event(n.gap(10, 20, "why")).json())
     assert ce["type"] == "dev.docker-event-relay.relay.gap"
     assert ce["data"]["actor"]["attributes"] == {
-        "since_nano": "10", "resumed_at_nano": "20", "reason": "why"
+        "since_nano": "10",
+        "resumed_at_nano": "20",
+        "reason": "why",
     }
     assert ce["data"]["time_nano"] == 20
+
+
+def test_line_framing_whatever_the_read_sizes() -> None:
+    from relay.engine import LineFramer
+
+    lines = fixture_lines()
+    stream = b"".join(line + b"\n" for line in lines)
+    for size in (1, 7, 100, 333, 4096, len(stream)):
+        framer = LineFramer()
+        out: list[bytes] = []
+        for i in range(0, len(stream), size):
+            out += framer.feed(stream[i : i + size])
+        assert out == lines, f"read size {size}"

@@ -7,6 +7,7 @@ retry policy. Real destinations are proven in tests/integration.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -38,7 +39,7 @@ FAST = RetrySettings(wait_initial=0.001, wait_max=0.005, retry_after_max=0.05)
 class ScriptedSink(Sink):
     """Answers each send with the next scripted outcome (None = success)."""
 
-    def __init__(self, script: Sequence[Exception | None | str] = ()) -> None:
+    def __init__(self, script: Sequence[Exception | str | None] = ()) -> None:
         super().__init__("scripted", max_batch=10)
         self.script = list(script)
         self.calls: list[list[str]] = []
@@ -62,15 +63,26 @@ class ScriptedSink(Sink):
 
 
 def make_worker(
-    sink: Sink, tmp_path: Path, *, max_events: int = 1000, overflow: str = "dead_letter",
+    sink: Sink,
+    tmp_path: Path,
+    *,
+    max_events: int = 1000,
+    overflow: str = "dead_letter",
     retry: RetrySettings = FAST,
 ) -> tuple[SinkWorker, CheckpointTracker, DeadLetter, Metrics]:
     tracker = CheckpointTracker()
     tracker.reset("E", None)
     dl = DeadLetter(tmp_path / "dl.jsonl")
     metrics = Metrics()
-    worker = SinkWorker(sink, max_events, overflow, RetryPolicy(retry), dl,  # type: ignore[arg-type]
-                        metrics, tracker.done)
+    worker = SinkWorker(
+        sink,
+        max_events,
+        overflow,
+        RetryPolicy(retry),
+        dl,  # type: ignore[arg-type]
+        metrics,
+        tracker.done,
+    )
     return worker, tracker, dl, metrics
 
 
@@ -98,6 +110,7 @@ def value(metrics: Metrics, name: str, **labels: str) -> float:
 
 # -- routing ---------------------------------------------------------------------------------
 
+
 def test_route_filter_conditions() -> None:
     events = sample_events(78)
     by = lambda f: {(e.ce.data.type, e.ce.data.action) for e in events if f.matches(e)}  # noqa: E731
@@ -107,14 +120,19 @@ def test_route_filter_conditions() -> None:
     assert by(RouteFilter(actions=frozenset({"prune"}))) == {
         (t, "prune") for t in ("container", "network", "volume", "image", "builder")
     }
-    no_exec = by(RouteFilter(types=frozenset({"container"}),
-                             exclude_actions=frozenset({"exec_create", "exec_start", "exec_die"})))
+    no_exec = by(
+        RouteFilter(
+            types=frozenset({"container"}),
+            exclude_actions=frozenset({"exec_create", "exec_start", "exec_die"}),
+        )
+    )
     assert ("container", "start") in no_exec and ("container", "exec_start") not in no_exec
     labelled = [e for e in events if RouteFilter(labels={"app": "web"}).matches(e)]
     assert labelled and all(e.ce.data.actor.labels["app"] == "web" for e in labelled)
     assert not [e for e in events if RouteFilter(labels={"app": "db"}).matches(e)]
-    assert {e.ce.data.type for e in events if RouteFilter(labels={"com.example.owner": "*"})
-            .matches(e)} == {"container", "image"}
+    assert {
+        e.ce.data.type for e in events if RouteFilter(labels={"com.example.owner": "*"}).matches(e)
+    } == {"container", "image"}
     big = RouteFilter(actions=frozenset({"prune"}), min_reclaimed_bytes=1_000_000)
     assert [(e.ce.data.type, e.ce.data.reclaimed_bytes) for e in events if big.matches(e)] == [
         ("image", 1982256)
@@ -123,6 +141,7 @@ def test_route_filter_conditions() -> None:
 
 
 # -- checkpoint ------------------------------------------------------------------------------
+
 
 def test_checkpoint_advances_over_the_contiguous_finished_prefix() -> None:
     t = CheckpointTracker()
@@ -159,6 +178,7 @@ def test_position_dedupes_by_id_within_a_bounded_window(tmp_path: Path) -> None:
 
 # -- outbox outcomes -------------------------------------------------------------------------
 
+
 async def test_retryable_failures_are_retried_in_order_then_delivered(tmp_path: Path) -> None:
     sink = ScriptedSink([RetryableSinkError("down"), RetryableSinkError("down"), None])
     worker, tracker, _, metrics = make_worker(sink, tmp_path)
@@ -186,15 +206,18 @@ async def test_permanent_failure_dead_letters_the_batch_with_the_error(tmp_path:
     assert records[0]["error_type"] == "PermanentSinkError"
     assert sink.delivered == [e.id for e in events[10:]]
     assert len(sink.calls) == 2  # never retried
-    assert value(metrics, "relay_events_dead_lettered_total", sink="scripted",
-                 reason="permanent") == 10
+    assert (
+        value(metrics, "relay_events_dead_lettered_total", sink="scripted", reason="permanent")
+        == 10
+    )
     assert tracker.position.time_nano == events[-1].time_nano
 
 
 async def test_partial_delivery_acks_some_retries_some_dead_letters_some(tmp_path: Path) -> None:
     events = sample_events(4)
-    partial = PartialDeliveryError({1: PermanentSinkError("too large"),
-                                    3: RetryableSinkError("timeout")})
+    partial = PartialDeliveryError(
+        {1: PermanentSinkError("too large"), 3: RetryableSinkError("timeout")}
+    )
     sink = ScriptedSink([partial, None])
     worker, tracker, dl, _ = make_worker(sink, tmp_path)
     feed(worker, tracker, events)
@@ -262,6 +285,7 @@ def test_overflow_policies(tmp_path: Path, overflow: str) -> None:
 
 # -- the retry policy ------------------------------------------------------------------------
 
+
 def test_full_jitter_bounds() -> None:
     samples = [full_jitter(5, 0.5, 3.0) for _ in range(2000)]
     assert 0 <= min(samples) < 0.3 and 2.7 < max(samples) <= 3.0
@@ -272,14 +296,13 @@ async def test_retry_after_replaces_the_backoff_and_is_capped() -> None:
     policy = RetryPolicy(RetrySettings(wait_initial=10, wait_max=10, retry_after_max=0.3))
     seen: list[float] = []
     started = time.monotonic()
-    errors = [RetryableSinkError("429", retry_after=0.2), RetryableSinkError("429",
-                                                                           retry_after=99)]
+    errors = [RetryableSinkError("429", retry_after=0.2), RetryableSinkError("429", retry_after=99)]
     async for attempt in policy.attempts():
         with attempt:
             seen.append(time.monotonic() - started)
             if errors:
                 raise errors.pop(0)
-    gaps = [b - a for a, b in zip(seen, seen[1:], strict=False)]
+    gaps = [b - a for a, b in itertools.pairwise(seen)]
     assert len(seen) == 3
     assert 0.19 <= gaps[0] < 1.0  # Retry-After 0.2 s, not the 10 s backoff
     assert 0.29 <= gaps[1] < 1.0  # 99 s capped at retry_after_max
@@ -296,3 +319,22 @@ async def test_permanent_and_foreign_errors_are_never_retried() -> None:
                     raise exc
         assert calls == 1
     assert issubclass(SinkStoppedError, SinkError)
+
+
+async def test_the_first_retry_waits_for_retry_after_too(tmp_path: Path) -> None:
+    stamps: list[float] = []
+
+    class Stamping(ScriptedSink):
+        async def send(self, batch: Sequence[Event]) -> None:
+            stamps.append(time.monotonic())
+            await super().send(batch)
+
+    sink = Stamping([RetryableSinkError("429", retry_after=0.3), None])
+    worker, tracker, _, _ = make_worker(
+        sink, tmp_path, retry=RetrySettings(wait_initial=0.001, wait_max=0.002,
+                                            retry_after_max=5)
+    )
+    feed(worker, tracker, sample_events(1))
+    await drain(worker)
+    assert len(stamps) == 2
+    assert stamps[1] - stamps[0] >= 0.3

@@ -77,8 +77,11 @@ def test_sinks_from_env_json(monkeypatch: pytest.MonkeyPatch) -> None:
         ("retry: {wait_max: -1}", "retry.wait_max", "greater than 0"),
         ("sinks: [{type: carrier-pigeon}]", "sinks[0]", "carrier-pigeon"),
         ("sinks: [{type: stdout, colour: red}]", "sinks[0].colour", "Extra inputs"),
-        ("sinks: [{type: stdout, filter: {min_reclaimed_bytes: -5}}]",
-         "sinks[0].filter.min_reclaimed_bytes", "greater than or equal"),
+        (
+            "sinks: [{type: stdout, filter: {min_reclaimed_bytes: -5}}]",
+            "sinks[0].filter.min_reclaimed_bytes",
+            "greater than or equal",
+        ),
         ("outbox: {overflow: explode}", "outbox.overflow", "dead_letter"),
         ("engine: {queue_max: 5}", "engine.queue_max", "1000"),
         ("log: {format: xml}", "log.format", "json"),
@@ -116,13 +119,17 @@ def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.Complet
     base = {k: v for k, v in os.environ.items() if not k.startswith("RELAY_")}
     return subprocess.run(
         [sys.executable, "-m", "relay", *args],
-        capture_output=True, text=True, env={**base, **(env or {})}, timeout=60,
+        capture_output=True,
+        text=True,
+        env={**base, **(env or {})},
+        timeout=60,
     )
 
 
 def test_check_config_exit_codes(tmp_path: Path) -> None:
-    good = run_cli("--config", str(write(tmp_path, "sinks: [{type: stdout, name: out}]")),
-                   "check-config")
+    good = run_cli(
+        "--config", str(write(tmp_path, "sinks: [{type: stdout, name: out}]")), "check-config"
+    )
     assert good.returncode == 0, good.stderr
     assert "configuration OK" in good.stdout and "out (stdout)" in good.stdout
     bad = run_cli("check-config", env={"RELAY_OUTBOX__MAX_EVENTS": "0"})

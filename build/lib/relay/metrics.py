@@ -1,0 +1,141 @@
+"""Prometheus metrics. One `Metrics` object per relay, on its own registry (tests run several)."""
+
+from __future__ import annotations
+
+import time
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+LATENCY_BUCKETS = (
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1,
+    2.5,
+    5,
+    10,
+    30,
+    60,
+    300,
+)
+
+
+class Metrics:
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        r = self.registry = registry or CollectorRegistry()
+        self.events_read = Counter(
+            "relay_events_read",
+            "Engine events read, by type and action.",
+            ["type", "action"],
+            registry=r,
+        )
+        self.events_malformed = Counter(
+            "relay_events_malformed", "Lines from the engine that were not events.", registry=r
+        )
+        self.events_duplicate = Counter(
+            "relay_events_duplicate",
+            "Events the engine replayed after a reconnect that had been read already (dropped).",
+            registry=r,
+        )
+        self.reader_lines_dropped = Counter(
+            "relay_reader_lines_dropped",
+            "Lines dropped because the reader's queue was full (a last-resort memory bound).",
+            registry=r,
+        )
+        self.replay_gaps = Counter(
+            "relay_replay_gaps",
+            "Reconnects after which the engine's replay did not reach back to the last event "
+            "(events may be missing).",
+            registry=r,
+        )
+        self.events_delivered = Counter(
+            "relay_events_delivered", "Events acknowledged by the sink.", ["sink"], registry=r
+        )
+        self.events_retried = Counter(
+            "relay_events_retried",
+            "Events in delivery attempts that were retried.",
+            ["sink"],
+            registry=r,
+        )
+        self.events_dead_lettered = Counter(
+            "relay_events_dead_lettered",
+            "Events written to the dead-letter file.",
+            ["sink", "reason"],
+            registry=r,
+        )
+        self.events_dropped = Counter(
+            "relay_events_dropped",
+            "Events dropped by an outbox overflow policy.",
+            ["sink"],
+            registry=r,
+        )
+        self.outbox_depth = Gauge(
+            "relay_outbox_depth", "Events waiting in the sink's outbox.", ["sink"], registry=r
+        )
+        self.sink_up = Gauge(
+            "relay_sink_up",
+            "1 when the sink's last attempt succeeded, 0 while failing or stopped.",
+            ["sink"],
+            registry=r,
+        )
+        self.sink_stopped = Gauge(
+            "relay_sink_stopped",
+            "1 when the destination told the sink to stop (HTTP 410).",
+            ["sink"],
+            registry=r,
+        )
+        self.delivery_latency = Histogram(
+            "relay_delivery_latency_seconds",
+            "From the engine's timeNano to the sink's acknowledgement.",
+            ["sink"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.engine_connected = Gauge(
+            "relay_engine_connected", "1 while the event stream is open.", registry=r
+        )
+        self.engine_reconnects = Counter(
+            "relay_engine_reconnects", "Times the event stream was opened again.", registry=r
+        )
+        self.last_event = Gauge(
+            "relay_last_event_timestamp_seconds", "Unix time of the last event read.", registry=r
+        )
+        self.seconds_since_last_event = Gauge(
+            "relay_seconds_since_last_event",
+            "Seconds since the last event was read (since start while none).",
+            registry=r,
+        )
+        self._started = time.time()
+        self._last_event_at: float | None = None
+        self.seconds_since_last_event.set_function(self._since_last)
+        self.reclaimed_bytes = Counter(
+            "relay_reclaimed_bytes",
+            "Bytes reclaimed by prune events, by resource type.",
+            ["type"],
+            registry=r,
+        )
+        self._read_children: dict[tuple[str, str], Counter] = {}
+
+    def _since_last(self) -> float:
+        return time.time() - (self._last_event_at or self._started)
+
+    def read(self, type_: str, action: str, reclaimed: int | None) -> None:
+        key = (type_, action)
+        child = self._read_children.get(key)
+        if child is None:
+            child = self._read_children[key] = self.events_read.labels(type_, action)
+        child.inc()
+        now = time.time()
+        self._last_event_at = now
+        self.last_event.set(now)
+        if reclaimed:
+            self.reclaimed_bytes.labels(type_).inc(reclaimed)
+        elif reclaimed == 0:
+            # Make the series exist for every pruned type, at 0, for dashboards.
+            self.reclaimed_bytes.labels(type_)

@@ -1,0 +1,129 @@
+"""The v1 event schema: a CloudEvents 1.0 envelope whose `data` is the normalized engine event.
+
+The structs here are the single source of truth: the JSON Schema under `schemas/` is generated
+from them (`docker-event-relay schema`), and a test fails when the committed copy drifts.
+Within major version 1, changes are additive only.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Final, Literal
+
+import msgspec
+
+SCHEMA_MAJOR: Final = 1
+DATASCHEMA: Final = "urn:docker-event-relay:schema:v1"
+DEFAULT_TYPE_PREFIX: Final = "dev.docker-event-relay"
+
+
+class Actor(msgspec.Struct, frozen=True, omit_defaults=True):
+    """The object the event is about. `labels` are kept apart from the engine's attributes."""
+
+    id: str
+    attributes: dict[str, str]
+    labels: dict[str, str]
+    name: str | None = None
+
+
+class Engine(msgspec.Struct, frozen=True, omit_defaults=True):
+    """The engine that emitted the event, from its `/info` and `/version`."""
+
+    id: str
+    name: str
+    version: str
+    api_version: str
+    node_name: str | None = None
+
+
+class EventData(msgspec.Struct, frozen=True, omit_defaults=True):
+    """Normalized engine event (the CloudEvent's `data`), schema version 1."""
+
+    type: str
+    action: str
+    scope: str
+    time: str
+    time_nano: int
+    actor: Actor
+    engine: Engine
+    action_detail: str | None = None
+    reclaimed_bytes: int | None = None
+
+
+class CloudEvent(msgspec.Struct, frozen=True, omit_defaults=True, kw_only=True):
+    """A CloudEvents 1.0 event in structured JSON form. Only `subject` is ever omitted."""
+
+    specversion: Literal["1.0"]
+    id: str
+    source: str
+    type: str
+    subject: str | None = None
+    time: str
+    datacontenttype: Literal["application/json"]
+    dataschema: str
+    data: EventData
+
+
+_encoder = msgspec.json.Encoder()
+
+
+class Event:
+    """One normalized event on its way through the relay.
+
+    `seq` is the reader's sequence number (engine order); encodings are computed once and shared
+    by every sink.
+    """
+
+    __slots__ = ("_data_json", "_json", "ce", "seq")
+
+    def __init__(self, ce: CloudEvent, seq: int = 0) -> None:
+        self.ce = ce
+        self.seq = seq
+        self._json: bytes | None = None
+        self._data_json: bytes | None = None
+
+    @property
+    def time_nano(self) -> int:
+        return self.ce.data.time_nano
+
+    @property
+    def id(self) -> str:
+        return self.ce.id
+
+    def json(self) -> bytes:
+        """Structured-mode encoding: the whole CloudEvent as JSON."""
+        if self._json is None:
+            self._json = _encoder.encode(self.ce)
+        return self._json
+
+    def data_json(self) -> bytes:
+        """Binary-mode payload: only `data` as JSON."""
+        if self._data_json is None:
+            self._data_json = _encoder.encode(self.ce.data)
+        return self._data_json
+
+    def attributes(self) -> dict[str, str]:
+        """Context attributes for binary-mode bindings (all but `data` and `datacontenttype`)."""
+        ce = self.ce
+        attrs = {
+            "specversion": ce.specversion,
+            "id": ce.id,
+            "source": ce.source,
+            "type": ce.type,
+            "time": ce.time,
+            "dataschema": ce.dataschema,
+        }
+        if ce.subject is not None:
+            attrs["subject"] = ce.subject
+        return attrs
+
+    def __repr__(self) -> str:
+        return f"Event(seq={self.seq}, type={self.ce.type!r}, id={self.ce.id!r})"
+
+
+def json_schema() -> dict[str, Any]:
+    """The JSON Schema of a v1 event (structured CloudEvent), generated from the structs."""
+    schema = msgspec.json.schema(CloudEvent)
+    schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
+    schema["$id"] = DATASCHEMA
+    schema["title"] = "docker-event-relay event, schema version 1"
+    return schema

@@ -1,0 +1,603 @@
+# aiokafka ships no type information; until pyproject.toml says so for aiokafka.*:
+# mypy: disable-error-code="import-untyped"
+"""`type: kafka`: CloudEvents over the Kafka protocol binding, on aiokafka.
+
+Binary mode (default): the context attributes go into `ce_*` headers, `datacontenttype` into
+`content-type`, `data` is the record value. Structured mode: the whole event is the value, with
+`content-type: application/cloudevents+json; charset=UTF-8`. The record key comes from a
+template (default: engine id + actor id), so one actor's events land on one partition, in order.
+
+A batch counts as delivered only when the broker acknowledged every record of it (the send
+futures of the whole batch are awaited); each future's outcome is mapped back to its index in
+the batch, so one bad record (too large, unroutable topic) is dead-lettered alone.
+
+Failure classes, decided here once:
+- broker unreachable, timeouts (`KafkaTimeoutError`: the broker did not confirm in
+  `request_timeout`; the record may still have been written, a retry may duplicate it, which
+  at-least-once delivery allows), leader changes, unknown topic (an operator may create it;
+  until then the outbox keeps the events), authentication failures (credentials can be fixed
+  on the broker side): retryable;
+- record too large, invalid topic name, other errors aiokafka marks non-retriable: permanent
+  for that record.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import ssl
+import string
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Final, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
+
+from relay.errors import (
+    PartialDeliveryError,
+    PermanentSinkError,
+    RetryableSinkError,
+    SinkError,
+)
+from sinks.base import Sink, SinkConfigBase, SinkContext, read_secret_file
+
+if TYPE_CHECKING:
+    from aiokafka import AIOKafkaProducer
+
+    from relay.schema import Event
+
+# --- templates ----------------------------------------------------------------------------
+
+TEMPLATE_FIELDS: Final = frozenset(
+    {
+        "type",
+        "action",
+        "scope",
+        "actor_id",
+        "actor_name",
+        "engine_id",
+        "engine_name",
+        "node_name",
+        "id",
+        "source",
+        "subject",
+    }
+)
+
+
+class Template:
+    """A `str.format`-style template over event fields, checked once and rendered fast.
+
+    Only plain `{field}` placeholders are allowed: no attribute access, indexing, conversion or
+    format spec, so rendering cannot fail or reach into objects at run time.
+    """
+
+    __slots__ = ("_parts", "fields", "source")
+
+    def __init__(self, source: str) -> None:
+        self.source = source
+        parts: list[tuple[str, str | None]] = []
+        fields: list[str] = []
+        try:
+            parsed = list(string.Formatter().parse(source))
+        except ValueError as exc:
+            raise ValueError(f"malformed template {source!r}: {exc}") from exc
+        for literal, field, spec, conversion in parsed:
+            if field is None:
+                parts.append((literal, None))
+                continue
+            if field == "" or field.isdigit():
+                raise ValueError(
+                    f"template {source!r}: positional placeholder {{{field}}}; name a field: "
+                    + ", ".join(sorted(TEMPLATE_FIELDS))
+                )
+            if field not in TEMPLATE_FIELDS:
+                raise ValueError(
+                    f"template {source!r}: unknown field {{{field}}}; known: "
+                    + ", ".join(sorted(TEMPLATE_FIELDS))
+                )
+            if spec or conversion:
+                raise ValueError(
+                    f"template {source!r}: {{{field}}} takes no format spec or conversion"
+                )
+            parts.append((literal, field))
+            fields.append(field)
+        self._parts = tuple(parts)
+        self.fields = frozenset(fields)
+
+    @property
+    def literal_text(self) -> str:
+        return "".join(literal for literal, _ in self._parts)
+
+    def render(self, event: Event) -> str:
+        values = template_values(event, self.fields)
+        return "".join(
+            literal + (values[field] if field is not None else "") for literal, field in self._parts
+        )
+
+    def __repr__(self) -> str:
+        return f"Template({self.source!r})"
+
+
+def template_values(event: Event, fields: frozenset[str]) -> dict[str, str]:
+    """The template fields of one event; absent values render as empty strings."""
+    ce = event.ce
+    data = ce.data
+    out: dict[str, str] = {}
+    for field in fields:
+        if field == "type":
+            out[field] = data.type
+        elif field == "action":
+            out[field] = data.action
+        elif field == "scope":
+            out[field] = data.scope
+        elif field == "actor_id":
+            out[field] = data.actor.id
+        elif field == "actor_name":
+            out[field] = data.actor.name or ""
+        elif field == "engine_id":
+            out[field] = data.engine.id
+        elif field == "engine_name":
+            out[field] = data.engine.name
+        elif field == "node_name":
+            out[field] = data.engine.node_name or ""
+        elif field == "id":
+            out[field] = ce.id
+        elif field == "source":
+            out[field] = ce.source
+        elif field == "subject":
+            out[field] = ce.subject or ""
+    return out
+
+
+# Kafka's own rule for topic names (kafka.common.internals.Topic).
+_TOPIC_RE: Final = re.compile(r"[a-zA-Z0-9._-]{1,249}")
+_TOPIC_CHARS: Final = re.compile(r"[a-zA-Z0-9._-]*")
+
+
+def topic_problem(topic: str) -> str | None:
+    if topic in {".", ".."}:
+        return f"topic {topic!r} is not allowed"
+    if not _TOPIC_RE.fullmatch(topic):
+        return (
+            f"topic {topic!r} is not a valid Kafka topic name "
+            "(1 to 249 characters of a-z A-Z 0-9 . _ -)"
+        )
+    return None
+
+
+# --- settings -----------------------------------------------------------------------------
+
+STRUCTURED_CONTENT_TYPE: Final = b"application/cloudevents+json; charset=UTF-8"
+
+
+class KafkaTlsSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    enabled: bool = Field(default=False, description="Connect with TLS (SSL / SASL_SSL).")
+    ca_file: Path | None = Field(
+        default=None, description="PEM bundle of CAs to trust; default: the system store."
+    )
+    cert_file: Path | None = Field(default=None, description="Client certificate (PEM), mTLS.")
+    key_file: Path | None = Field(default=None, description="Client private key (PEM), mTLS.")
+    key_password: SecretStr | None = Field(default=None, description="Password of key_file.")
+    key_password_file: Path | None = Field(
+        default=None, description="File holding key_password (a mounted secret)."
+    )
+    verify: bool = Field(
+        default=True,
+        description="Verify the broker's certificate and host name. Off only for tests.",
+    )
+
+    @model_validator(mode="after")
+    def _check(self) -> KafkaTlsSettings:
+        if self.key_password_file is not None:
+            if self.key_password is not None:
+                raise ValueError("key_password and key_password_file: set only one")
+            self.key_password = read_secret_file(self.key_password_file, "key_password_file")
+        if (self.cert_file is None) != (self.key_file is None):
+            raise ValueError("cert_file and key_file go together (client certificate and key)")
+        for name in ("ca_file", "cert_file", "key_file"):
+            path: Path | None = getattr(self, name)
+            if path is not None and not path.is_file():
+                raise ValueError(f"{name}: no such file: {path}")
+        return self
+
+    def ssl_context(self) -> ssl.SSLContext:
+        ctx = ssl.create_default_context(
+            ssl.Purpose.SERVER_AUTH, cafile=str(self.ca_file) if self.ca_file else None
+        )
+        if not self.verify:
+            ctx.check_hostname = False
+            ctx.verify_mode = ssl.CERT_NONE
+        if self.cert_file is not None and self.key_file is not None:
+            ctx.load_cert_chain(
+                str(self.cert_file),
+                str(self.key_file),
+                password=self.key_password.get_secret_value() if self.key_password else None,
+            )
+        return ctx
+
+
+class KafkaSaslSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] = "PLAIN"
+    username: str = Field(min_length=1)
+    password: SecretStr | None = None
+    password_file: Path | None = Field(
+        default=None, description="File holding the password (a mounted secret)."
+    )
+
+    @model_validator(mode="after")
+    def _password(self) -> KafkaSaslSettings:
+        if self.password_file is not None:
+            if self.password is not None:
+                raise ValueError("password and password_file: set only one")
+            self.password = read_secret_file(self.password_file, "password_file")
+        if self.password is None:
+            raise ValueError("password or password_file is required")
+        return self
+
+
+class KafkaSinkConfig(SinkConfigBase):
+    type: Literal["kafka"] = "kafka"
+    bootstrap_servers: list[str] = Field(
+        min_length=1, description='host:port of the brokers; a list or "h1:9092,h2:9092".'
+    )
+    topic: str = Field(
+        default="docker-events",
+        description="Topic template over event fields, e.g. docker.{type}.",
+    )
+    key: str | None = Field(
+        default="{engine_id}/{actor_id}",
+        description="Record key template; one key keeps an actor's events on one partition, "
+        "in order. Empty or null: no key (records spread over partitions).",
+    )
+    content_mode: Literal["binary", "structured"] = Field(
+        default="binary", description="CloudEvents Kafka binding mode."
+    )
+    acks: Literal["all", 0, 1] = Field(
+        default="all", description="Broker acknowledgement a record needs to count as delivered."
+    )
+    enable_idempotence: bool = Field(
+        default=True, description="Idempotent producer: no duplicates from producer retries."
+    )
+    compression: Literal["none", "gzip", "snappy", "lz4", "zstd"] = "none"
+    linger_ms: int = Field(default=5, ge=0, description="Wait to fill a batch (ms).")
+    batch_bytes: int = Field(
+        default=16384, ge=1024, description="Bytes per partition batch (Kafka's batch.size)."
+    )
+    max_request_size: int = Field(
+        default=1048576, ge=1024, description="Largest request (and record) the client sends."
+    )
+    request_timeout: float = Field(
+        default=30.0, gt=0, description="Seconds for the broker to acknowledge a send."
+    )
+    client_id: str | None = Field(
+        default=None, description="Client id; default docker-event-relay-<relay id>."
+    )
+    tls: KafkaTlsSettings = Field(default_factory=KafkaTlsSettings)
+    sasl: KafkaSaslSettings | None = None
+    max_batch: int = Field(default=500, ge=1, description="Events handed to one send call.")
+
+    @field_validator("bootstrap_servers", mode="before")
+    @classmethod
+    def _split_servers(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return [part.strip() for part in value.split(",") if part.strip()]
+        return value
+
+    @field_validator("bootstrap_servers")
+    @classmethod
+    def _check_servers(cls, value: list[str]) -> list[str]:
+        for server in value:
+            host, sep, port = server.rpartition(":")
+            if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+                raise ValueError(f"{server!r} is not host:port")
+        return value
+
+    @field_validator("topic")
+    @classmethod
+    def _check_topic(cls, value: str) -> str:
+        template = Template(value)
+        literal = template.literal_text
+        if not template.fields:
+            problem = topic_problem(value)
+            if problem:
+                raise ValueError(problem)
+        elif not _TOPIC_CHARS.fullmatch(literal):
+            raise ValueError(f"template {value!r}: the fixed text may only hold a-z A-Z 0-9 . _ -")
+        return value
+
+    @field_validator("key")
+    @classmethod
+    def _check_key(cls, value: str | None) -> str | None:
+        if value:
+            Template(value)
+        return value or None
+
+    @field_validator("compression")
+    @classmethod
+    def _check_codec(cls, value: str) -> str:
+        if value in ("none", "gzip"):
+            return value
+        from aiokafka import codec
+
+        present = {"snappy": codec.has_snappy, "lz4": codec.has_lz4, "zstd": codec.has_zstd}
+        if not present[value]():
+            raise ValueError(f"{value} needs its Python library installed (aiokafka[{value}])")
+        return value
+
+    @model_validator(mode="after")
+    def _check_acks(self) -> KafkaSinkConfig:
+        if self.enable_idempotence and self.acks != "all":
+            raise ValueError(
+                f"acks: the idempotent producer needs acks=all (got {self.acks!r}); "
+                "set enable_idempotence: false to use it"
+            )
+        return self
+
+    @property
+    def security_protocol(self) -> str:
+        if self.sasl is not None:
+            return "SASL_SSL" if self.tls.enabled else "SASL_PLAINTEXT"
+        return "SSL" if self.tls.enabled else "PLAINTEXT"
+
+    def producer_options(self, relay_id: str) -> dict[str, Any]:
+        """Keyword arguments for AIOKafkaProducer (holds the secret: never log this)."""
+        options: dict[str, Any] = {
+            "bootstrap_servers": list(self.bootstrap_servers),
+            "client_id": self.client_id or f"docker-event-relay-{relay_id}",
+            "acks": self.acks,
+            "enable_idempotence": self.enable_idempotence,
+            "compression_type": None if self.compression == "none" else self.compression,
+            "linger_ms": self.linger_ms,
+            "max_batch_size": self.batch_bytes,
+            "max_request_size": self.max_request_size,
+            "request_timeout_ms": int(self.request_timeout * 1000),
+            "security_protocol": self.security_protocol,
+        }
+        if self.tls.enabled:
+            options["ssl_context"] = self.tls.ssl_context()
+        if self.sasl is not None:
+            assert self.sasl.password is not None  # the validator guarantees it
+            options["sasl_mechanism"] = self.sasl.mechanism
+            options["sasl_plain_username"] = self.sasl.username
+            options["sasl_plain_password"] = self.sasl.password.get_secret_value()
+        return options
+
+    def build(self, context: SinkContext) -> Sink:
+        return KafkaSink(self, context)
+
+
+# --- the sink -----------------------------------------------------------------------------
+
+
+class KafkaSink(Sink):
+    def __init__(self, config: KafkaSinkConfig, context: SinkContext | None = None) -> None:
+        super().__init__(config.sink_name, config.max_batch)
+        self.config = config
+        self._context = context or SinkContext()
+        self._topic = Template(config.topic)
+        self._key = Template(config.key) if config.key else None
+        self._binary = config.content_mode == "binary"
+        self._producer: AIOKafkaProducer | None = None
+        self._closed = False
+        self._reconnect = False
+
+    def describe(self) -> dict[str, Any]:
+        c = self.config
+        return {
+            "bootstrap_servers": ",".join(c.bootstrap_servers),
+            "topic": c.topic,
+            "key": c.key,
+            "content_mode": c.content_mode,
+            "acks": c.acks,
+            "idempotence": c.enable_idempotence,
+            "compression": c.compression,
+            "security_protocol": c.security_protocol,
+            "sasl_mechanism": c.sasl.mechanism if c.sasl else None,
+            "sasl_username": c.sasl.username if c.sasl else None,
+        }
+
+    async def start(self) -> None:
+        if self._closed:
+            raise PermanentSinkError("sink is closed", sink=self.name)
+        if self._producer is not None:
+            return
+        from aiokafka import AIOKafkaProducer
+        from aiokafka.errors import KafkaError
+
+        producer = AIOKafkaProducer(**self.config.producer_options(self._context.relay_id))
+        try:
+            await producer.start()
+        except (KafkaError, OSError, TimeoutError) as exc:
+            # A failed start leaves tasks and sockets behind; a fresh producer is built next time.
+            await _stop_quietly(producer)
+            # aiokafka only logs why a bootstrap failed; find out again, for the one line that
+            # names this sink.
+            detail = await self._diagnose() if _is_connection_error(exc) else None
+            raise RetryableSinkError(
+                f"cannot connect to {','.join(self.config.bootstrap_servers)} "
+                f"({self.config.security_protocol}): {detail or _describe(exc)}",
+                sink=self.name,
+            ) from exc
+        except BaseException:
+            await _stop_quietly(producer)
+            raise
+        self._producer = producer
+
+    async def send(self, batch: Sequence[Event]) -> None:
+        if self._closed:
+            raise PermanentSinkError("send after close", sink=self.name)
+        if self._reconnect:
+            # After a failed attempt, start over with a fresh client: its first send asks the
+            # broker for the topic's metadata again. A broker that came back empty (tansu in
+            # memory; a recreated cluster) would otherwise take records for a topic it no
+            # longer has and keep none of them.
+            self._reconnect = False
+            producer, self._producer = self._producer, None
+            if producer is not None:
+                await _stop_quietly(producer)
+        if self._producer is None:
+            await self.start()
+        producer = self._producer
+        assert producer is not None
+        from aiokafka.errors import KafkaError
+
+        failures: dict[int, SinkError] = {}
+        pending: list[tuple[int, asyncio.Future[Any]]] = []
+        stalled: RetryableSinkError | None = None
+        for index, event in enumerate(batch):
+            if stalled is not None:
+                # The client is stuck (no metadata, buffer full): the rest would wait as long
+                # again; keep them for the retry, in order.
+                failures[index] = stalled
+                continue
+            topic, key, value, headers = self.encode(event)
+            problem = topic_problem(topic)
+            if problem is not None:
+                failures[index] = PermanentSinkError(
+                    f"{problem} (from template {self._topic.source!r})", sink=self.name
+                )
+                continue
+            try:
+                future = await producer.send(
+                    topic,
+                    value,
+                    key=key,
+                    headers=headers,
+                    timestamp_ms=event.time_nano // 1_000_000,
+                )
+            except KafkaError as exc:
+                error = self._translate(exc, topic)
+                failures[index] = error
+                if isinstance(error, RetryableSinkError):
+                    stalled = error
+                continue
+            pending.append((index, future))
+
+        if pending:
+            results = await asyncio.gather(*(f for _, f in pending), return_exceptions=True)
+            for (index, _), result in zip(pending, results, strict=True):
+                if isinstance(result, asyncio.CancelledError):
+                    raise result
+                if isinstance(result, KafkaError):
+                    failures[index] = self._translate(result, self._topic.render(batch[index]))
+                elif isinstance(result, BaseException):
+                    failures[index] = RetryableSinkError(
+                        f"unexpected error from the producer: {result!r}", sink=self.name
+                    )
+        if not failures:
+            return
+        if any(isinstance(err, RetryableSinkError) for err in failures.values()):
+            self._reconnect = True
+        if len(failures) == len(batch):
+            # Nothing went through and every event may: one plain retry, one log line.
+            if all(isinstance(err, RetryableSinkError) for err in failures.values()):
+                raise failures[0]
+        raise PartialDeliveryError(failures, sink=self.name)
+
+    def encode(self, event: Event) -> tuple[str, bytes | None, bytes, list[tuple[str, bytes]]]:
+        """Topic, key, value and headers of the record for `event` (CloudEvents Kafka binding)."""
+        topic = self._topic.render(event)
+        key = self._key.render(event).encode() if self._key is not None else None
+        if self._binary:
+            headers = [("ce_" + k, v.encode()) for k, v in event.attributes().items()]
+            headers.append(("content-type", event.ce.datacontenttype.encode()))
+            return topic, key, event.data_json(), headers
+        return topic, key, event.json(), [("content-type", STRUCTURED_CONTENT_TYPE)]
+
+    def _translate(self, exc: BaseException, topic: str) -> SinkError:
+        from aiokafka import errors as e
+
+        text = _describe(exc)
+        if isinstance(exc, e.UnknownTopicOrPartitionError):
+            return RetryableSinkError(
+                f"topic {topic!r} unknown to the broker after {self.config.request_timeout:g}s "
+                "(not created and auto-creation off, or the broker is unreachable)",
+                sink=self.name,
+            )
+        if isinstance(exc, e.KafkaTimeoutError):
+            return RetryableSinkError(
+                f"no acknowledgement from the broker within {self.config.request_timeout:g}s "
+                f"(topic {topic!r}): {text}",
+                sink=self.name,
+            )
+        if isinstance(exc, (e.MessageSizeTooLargeError, e.RecordTooLargeError)):
+            return PermanentSinkError(
+                f"record too large for topic {topic!r} "
+                f"(max_request_size {self.config.max_request_size}): {text}",
+                sink=self.name,
+            )
+        if isinstance(exc, e.UnknownError):
+            # UNKNOWN_SERVER_ERROR says the broker failed, not that the record is bad (tansu
+            # answers it while it comes back up): keep the event; `retry.attempts`/`timeout`
+            # bound how long.
+            return RetryableSinkError(f"broker error for topic {topic!r}: {text}", sink=self.name)
+        if isinstance(exc, e.InvalidTopicError):
+            return PermanentSinkError(f"invalid topic {topic!r}: {text}", sink=self.name)
+        if isinstance(
+            exc,
+            (
+                e.AuthenticationFailedError,
+                e.SaslAuthenticationFailed,
+                e.TopicAuthorizationFailedError,
+                e.ClusterAuthorizationFailedError,
+            ),
+        ):
+            # Fixable on the broker side without touching the relay: keep the events.
+            return RetryableSinkError(f"not authorized for {topic!r}: {text}", sink=self.name)
+        if getattr(exc, "retriable", False):
+            return RetryableSinkError(f"topic {topic!r}: {text}", sink=self.name)
+        return PermanentSinkError(f"topic {topic!r}: {text}", sink=self.name)
+
+    async def _diagnose(self) -> str | None:
+        """Why the bootstrap failed, which aiokafka only logs: a refused port, a TLS handshake
+        that fails (wrong CA, plaintext peer)..."""
+        ctx = self.config.tls.ssl_context() if self.config.tls.enabled else None
+        for server in self.config.bootstrap_servers:
+            host, _, port = server.rpartition(":")
+            try:
+                async with asyncio.timeout(min(self.config.request_timeout, 5.0)):
+                    _, writer = await asyncio.open_connection(host.strip("[]"), int(port), ssl=ctx)
+            except ssl.SSLCertVerificationError as exc:
+                return f"TLS handshake with {server} failed: {exc.verify_message or exc}"
+            except ssl.SSLError as exc:
+                return f"TLS handshake with {server} failed: {exc.reason or exc}"
+            except TimeoutError:
+                return f"{server}: connect timed out"
+            except OSError as exc:
+                return f"{server}: {exc.strerror or exc}"
+            writer.close()
+        return None
+
+    async def aclose(self) -> None:
+        self._closed = True
+        producer, self._producer = self._producer, None
+        if producer is not None:
+            await _stop_quietly(producer)
+
+
+def _is_connection_error(exc: BaseException) -> bool:
+    from aiokafka.errors import KafkaConnectionError, NoBrokersAvailable
+
+    return isinstance(exc, (KafkaConnectionError, NoBrokersAvailable, OSError, TimeoutError))
+
+
+def _describe(exc: BaseException) -> str:
+    text = str(exc)
+    name = type(exc).__name__
+    if not text or text == name:
+        return name
+    return text if text.startswith(name) else f"{name}: {text}"
+
+
+async def _stop_quietly(producer: AIOKafkaProducer) -> None:
+    try:
+        await producer.stop()
+    except Exception as exc:  # closing is best effort; the error is no longer actionable
+        import logging
+
+        logging.getLogger("relay.sink.kafka").debug("producer stop failed: %r", exc)

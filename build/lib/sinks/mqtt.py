@@ -1,0 +1,777 @@
+"""`type: mqtt`: CloudEvents over MQTT 5 or 3.1.1 (paho-mqtt driven by the asyncio loop).
+
+Binding (CloudEvents MQTT protocol binding):
+- MQTT 5, binary mode (default): payload = `data` as JSON, the PUBLISH Content Type property =
+  `datacontenttype`, every other context attribute = one user property named after it.
+- MQTT 5, structured mode: payload = the whole event as JSON, Content Type =
+  `application/cloudevents+json`.
+- MQTT 3.1.1: structured only (the protocol has no properties), no content type.
+
+Delivery: an event counts as delivered when the broker acknowledged it (PUBACK for QoS 1,
+PUBCOMP for QoS 2); at QoS 0 when paho handed it to the socket. One paho client lives as long
+as the sink, across reconnects, so QoS 1/2 messages in flight at a connection loss stay in its
+session and are re-sent by paho after the reconnect; a retried batch waits for those instead of
+publishing them a second time.
+
+Status: a retained `online` on the status topic after every connect, a will of `offline`
+(retained) for when the relay dies, and `offline` published on a clean close.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import ssl
+import string
+import threading
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+from pydantic import Field, SecretStr, field_validator, model_validator
+
+from relay.errors import (
+    PartialDeliveryError,
+    PermanentSinkError,
+    RetryableSinkError,
+    SinkError,
+)
+from sinks.base import Sink, SinkConfigBase, SinkContext, read_secret_file
+
+if TYPE_CHECKING:
+    import paho.mqtt.client as mqtt
+    from paho.mqtt.properties import Properties
+    from paho.mqtt.reasoncodes import ReasonCode
+
+    from relay.schema import Event
+
+STRUCTURED_CONTENT_TYPE = "application/cloudevents+json"
+
+# -- templates ---------------------------------------------------------------------------------
+# (Candidate for relay/: the Kafka key template needs the same placeholders.)
+
+EVENT_FIELDS = frozenset(
+    {
+        "type",
+        "action",
+        "scope",
+        "actor_id",
+        "actor_name",
+        "engine_id",
+        "engine_name",
+        "node_name",
+        "id",
+        "source",
+        "subject",
+    }
+)
+_MISSING = "-"
+
+
+def template_fields(template: str, allowed: frozenset[str], setting: str) -> list[str]:
+    """The placeholders of a `str.format` template; ValueError naming `setting` if one is not
+    in `allowed` or the template is malformed."""
+    try:
+        parsed = list(string.Formatter().parse(template))
+    except ValueError as exc:
+        raise ValueError(f"{setting}: malformed template {template!r}: {exc}") from exc
+    fields: list[str] = []
+    for _literal, name, spec, conversion in parsed:
+        if name is None:
+            continue
+        if name not in allowed:
+            raise ValueError(
+                f"{setting}: unknown placeholder {{{name}}} in {template!r}; "
+                f"use {', '.join('{' + f + '}' for f in sorted(allowed))}"
+            )
+        if spec or conversion:
+            raise ValueError(
+                f"{setting}: placeholder {{{name}}} takes no format spec or !conversion"
+            )
+        fields.append(name)
+    return fields
+
+
+def event_fields(event: Event) -> dict[str, str]:
+    ce = event.ce
+    data = ce.data
+    return {
+        "type": data.type,
+        "action": data.action,
+        "scope": data.scope,
+        "actor_id": data.actor.id,
+        "actor_name": data.actor.name or "",
+        "engine_id": data.engine.id,
+        "engine_name": data.engine.name,
+        "node_name": data.engine.node_name or "",
+        "id": ce.id,
+        "source": ce.source,
+        "subject": ce.subject or "",
+    }
+
+
+_LEVEL_UNSAFE = str.maketrans({"/": "_", "+": "_", "#": "_", "\0": "_"})
+
+
+def topic_level(value: str) -> str:
+    """One placeholder fills exactly one topic level: separators and wildcards become `_`, an
+    empty value `-` (so `docker/+/volume/prune` subscriptions keep working for every event)."""
+    return value.translate(_LEVEL_UNSAFE) if value else _MISSING
+
+
+def render_topic(template: str, event: Event) -> str:
+    fields = event_fields(event)
+    return template.format_map({k: topic_level(v) for k, v in fields.items()})
+
+
+def _check_topic_literal(template: str, setting: str) -> None:
+    literal = "".join(part[0] for part in string.Formatter().parse(template))
+    if not template:
+        raise ValueError(f"{setting}: must not be empty")
+    for bad in ("+", "#", "\0"):
+        if bad in literal:
+            raise ValueError(f"{setting}: {bad!r} is a wildcard/invalid in a publish topic")
+
+
+# -- settings ----------------------------------------------------------------------------------
+
+
+class MqttSinkConfig(SinkConfigBase):
+    type: Literal["mqtt"] = "mqtt"
+    host: str = Field(default="localhost", min_length=1, description="Broker host name or IP.")
+    port: int | None = Field(
+        default=None, ge=1, le=65535, description="Broker port; default 1883, or 8883 with TLS."
+    )
+    client_id: str | None = Field(
+        default=None,
+        description="MQTT client id, stable across restarts (the persistent session and the "
+        "broker's takeover rule depend on it); may use {relay_id}. Default: "
+        "docker-event-relay-{relay_id}, plus -NAME when the sink has a name.",
+    )
+    topic: str = Field(
+        default="docker/{engine_name}/{type}/{action}",
+        description="Topic template; placeholders: " + ", ".join(sorted(EVENT_FIELDS)) + ".",
+    )
+    qos: Literal[0, 1, 2] = Field(default=1, description="QoS of event messages.")
+    protocol: Literal["5", "3.1.1"] = Field(default="5", description="MQTT protocol version.")
+    mode: Literal["binary", "structured"] | None = Field(
+        default=None,
+        description="CloudEvents content mode; default binary on MQTT 5. MQTT 3.1.1 is always "
+        "structured.",
+    )
+    retain: bool = Field(default=False, description="Publish events as retained messages.")
+    keepalive: int = Field(default=60, ge=5, le=65535, description="Keepalive interval (s).")
+    persistent_session: bool = Field(
+        default=True,
+        description="clean_start=false (MQTT 5) / clean_session=false (3.1.1), so the broker "
+        "keeps the session (QoS 2 state) across reconnects.",
+    )
+    session_expiry: int = Field(
+        default=3600,
+        ge=0,
+        description="MQTT 5: seconds the broker keeps the session after a disconnect.",
+    )
+    status_topic: str | None = Field(
+        default="docker/{relay_id}/status",
+        description="Retained online/offline status (and the will); may use {relay_id}; "
+        "empty to disable.",
+    )
+    connect_timeout: float = Field(default=10.0, gt=0, description="Connect + CONNACK (s).")
+    ack_timeout: float = Field(
+        default=30.0, gt=0, description="Longest wait for the acknowledgements of a batch (s)."
+    )
+    max_inflight: int = Field(
+        default=100, ge=1, le=65535, description="QoS 1/2 messages unacknowledged at once."
+    )
+    tls: bool = Field(default=False, description="Use TLS; implied by any tls_*_file setting.")
+    tls_ca_file: Path | None = Field(default=None, description="CA bundle (PEM) for the broker.")
+    tls_cert_file: Path | None = Field(default=None, description="Client certificate (PEM).")
+    tls_key_file: Path | None = Field(default=None, description="Client private key (PEM).")
+    tls_verify: bool = Field(
+        default=True,
+        description="Verify the broker's certificate and host name. Off only for tests.",
+    )
+    username: str | None = Field(default=None, description="MQTT user name.")
+    password: SecretStr | None = Field(default=None, description="MQTT password.")
+    password_file: Path | None = Field(
+        default=None, description="File holding the password (instead of `password`)."
+    )
+    max_batch: int = Field(default=100, ge=1, description="Events handed to one send call.")
+
+    @field_validator("protocol", mode="before")
+    @classmethod
+    def _protocol_as_text(cls, value: Any) -> Any:
+        # YAML and JSON readers turn `5` into an int; the setting is a version name.
+        return (
+            str(value) if isinstance(value, int | float) and not isinstance(value, bool) else value
+        )
+
+    @field_validator("topic")
+    @classmethod
+    def _valid_topic(cls, value: str) -> str:
+        template_fields(value, EVENT_FIELDS, "topic")
+        _check_topic_literal(value, "topic")
+        return value
+
+    @field_validator("status_topic")
+    @classmethod
+    def _valid_status_topic(cls, value: str | None) -> str | None:
+        if not value:
+            return None
+        template_fields(value, frozenset({"relay_id"}), "status_topic")
+        _check_topic_literal(value, "status_topic")
+        return value
+
+    @field_validator("client_id")
+    @classmethod
+    def _valid_client_id(cls, value: str | None) -> str | None:
+        if value is not None:
+            template_fields(value, frozenset({"relay_id"}), "client_id")
+            if not value:
+                raise ValueError("client_id: must not be empty (a persistent session needs one)")
+        return value
+
+    @field_validator("tls_ca_file", "tls_cert_file", "tls_key_file")
+    @classmethod
+    def _readable(cls, value: Path | None, info: Any) -> Path | None:
+        if value is not None and not value.is_file():
+            raise ValueError(f"{info.field_name}: no such file: {value}")
+        return value
+
+    @model_validator(mode="after")
+    def _consistent(self) -> MqttSinkConfig:
+        if self.protocol == "3.1.1" and self.mode == "binary":
+            raise ValueError(
+                "mode: binary mode needs MQTT 5 (3.1.1 has no user properties); "
+                "use mode: structured or protocol: 5"
+            )
+        if self.tls_key_file is not None and self.tls_cert_file is None:
+            raise ValueError("tls_key_file: set tls_cert_file too")
+        if self.tls_ca_file or self.tls_cert_file:
+            self.tls = True
+        if self.password is not None and self.password_file is not None:
+            raise ValueError("password_file: set either password or password_file, not both")
+        if self.password_file is not None:
+            self.password = read_secret_file(self.password_file, "password_file")
+        if self.password is not None and self.username is None:
+            raise ValueError("username: a password needs a username")
+        return self
+
+    @property
+    def effective_mode(self) -> Literal["binary", "structured"]:
+        if self.protocol == "3.1.1":
+            return "structured"
+        return self.mode or "binary"
+
+    @property
+    def effective_port(self) -> int:
+        return self.port or (8883 if self.tls else 1883)
+
+    def build(self, context: SinkContext) -> Sink:
+        return MqttSink(self, context)
+
+
+# -- the sink ----------------------------------------------------------------------------------
+
+# MQTT 5 PUBACK/PUBREC reason codes after which the same message can never succeed.
+_PERMANENT_PUBLISH_CODES = frozenset({0x87, 0x90, 0x95, 0x99})
+# CONNACK reason codes of a refusal that is about who we are, not about the broker's health.
+_AUTH_CONNACK_CODES = frozenset({0x84, 0x85, 0x86, 0x87, 0x8C, 4, 5})
+
+
+class _State:
+    NEW = "new"
+    CONNECTED = "connected"
+    DISCONNECTED = "disconnected"
+    CLOSED = "closed"
+
+
+class MqttSink(Sink):
+    def __init__(self, config: MqttSinkConfig, context: SinkContext) -> None:
+        super().__init__(config.sink_name, config.max_batch)
+        self.config = config
+        self.context = context
+        default_id = "docker-event-relay-{relay_id}" + (f"-{config.name}" if config.name else "")
+        self.client_id = (config.client_id or default_id).format(relay_id=context.relay_id)
+        self.status_topic = (
+            config.status_topic.format(relay_id=topic_level(context.relay_id))
+            if config.status_topic
+            else None
+        )
+        self.mode = config.effective_mode
+        self.address = f"{config.host}:{config.effective_port}"
+        self.connects = 0
+        """Successful connects so far (a reconnect after a loss counts again)."""
+        self._state = _State.NEW
+        self._client: mqtt.Client | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._loop_thread: int | None = None
+        self._connack: asyncio.Future[tuple[int, str]] | None = None
+        self._lost: asyncio.Future[str] | None = None
+        self._misc_task: asyncio.Task[None] | None = None
+        self._connect_lock = asyncio.Lock()
+        # mid -> future of its acknowledgement (the reason code); event id -> that future,
+        # for QoS 1/2 messages still in paho's session.
+        self._by_mid: dict[int, asyncio.Future[int]] = {}
+        self._inflight: dict[str, asyncio.Future[int]] = {}
+        self._last_refusal: str | None = None
+
+    def describe(self) -> dict[str, Any]:
+        c = self.config
+        return {
+            "broker": self.address,
+            "protocol": c.protocol,
+            "mode": self.mode,
+            "topic": c.topic,
+            "qos": c.qos,
+            "retain": c.retain,
+            "client_id": self.client_id,
+            "status_topic": self.status_topic,
+            "tls": c.tls,
+            "username": c.username,
+        }
+
+    # -- lifecycle -----------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        if self._state == _State.CLOSED:
+            raise PermanentSinkError("sink is closed", sink=self.name)
+        if self._client is None:
+            self._client = self._make_client()
+        await self._connect()
+
+    async def send(self, batch: Sequence[Event]) -> None:
+        if self._state == _State.CLOSED:
+            raise PermanentSinkError("sink is closed", sink=self.name)
+        if self._client is None:
+            self._client = self._make_client()
+        if self._state != _State.CONNECTED:
+            await self._connect()
+        if not batch:
+            return
+        client = self._client
+        lost = self._lost
+        assert lost is not None
+        loop = asyncio.get_running_loop()
+        qos = self.config.qos
+        waits: dict[int, asyncio.Future[int]] = {}
+        failures: dict[int, SinkError] = {}
+        for index, event in enumerate(batch):
+            fut = self._inflight.get(event.id) if qos else None
+            if fut is None:
+                try:
+                    fut = self._publish_event(client, loop, event)
+                except SinkError as exc:
+                    failures[index] = exc
+                    continue
+            waits[index] = fut
+        await self._wait_acks(list(waits.values()), lost)
+        for index, fut in waits.items():
+            if not fut.done():
+                reason = (
+                    lost.result()
+                    if lost.done()
+                    else (f"no acknowledgement within {self.config.ack_timeout:g}s")
+                )
+                failures[index] = RetryableSinkError(reason, sink=self.name)
+                continue
+            code = fut.result()
+            if code >= 0x80:
+                text = f"broker refused the message: {_reason_name(code)} (reason code {code})"
+                if code in _PERMANENT_PUBLISH_CODES:
+                    failures[index] = PermanentSinkError(text, sink=self.name)
+                else:
+                    failures[index] = RetryableSinkError(text, sink=self.name)
+        if not failures:
+            return
+        if len(failures) == len(batch):
+            kinds = {type(e) for e in failures.values()}
+            if kinds == {RetryableSinkError}:
+                raise RetryableSinkError(str(next(iter(failures.values())).args[0]), sink=self.name)
+        raise PartialDeliveryError(failures, sink=self.name)
+
+    async def aclose(self) -> None:
+        if self._state == _State.CLOSED:
+            return
+        was_connected = self._state == _State.CONNECTED
+        self._state = _State.CLOSED
+        client = self._client
+        if client is None:
+            return
+        if was_connected and self.status_topic is not None:
+            # A clean close does not fire the will: say `offline` ourselves.
+            with contextlib.suppress(Exception):
+                lost = self._lost
+                assert lost is not None
+                fut = self._publish_status(client, "offline")
+                await self._wait_acks([fut], lost, wait_s=min(5.0, self.config.ack_timeout))
+        if was_connected:
+            lost = self._lost
+            with contextlib.suppress(Exception):
+                client.disconnect()
+                if lost is not None:
+                    await asyncio.wait_for(asyncio.shield(lost), timeout=5.0)
+        self._stop_io(client)
+        for fut in self._by_mid.values():
+            fut.cancel()
+        self._by_mid.clear()
+        self._inflight.clear()
+
+    # -- connection ----------------------------------------------------------------------------
+
+    def _make_client(self) -> mqtt.Client:
+        import paho.mqtt.client as mqtt
+        from paho.mqtt.enums import CallbackAPIVersion
+        from paho.mqtt.packettypes import PacketTypes
+        from paho.mqtt.properties import Properties
+
+        c = self.config
+        v5 = c.protocol == "5"
+        client = mqtt.Client(
+            callback_api_version=CallbackAPIVersion.VERSION2,
+            client_id=self.client_id,
+            protocol=mqtt.MQTTv5 if v5 else mqtt.MQTTv311,
+            clean_session=None if v5 else not c.persistent_session,
+            reconnect_on_failure=False,
+        )
+        client.connect_timeout = c.connect_timeout
+        client.max_inflight_messages_set(c.max_inflight)
+        if c.username is not None:
+            client.username_pw_set(
+                c.username, c.password.get_secret_value() if c.password is not None else None
+            )
+        if c.tls:
+            context = ssl.create_default_context(
+                cafile=str(c.tls_ca_file) if c.tls_ca_file else None
+            )
+            if c.tls_cert_file is not None:
+                context.load_cert_chain(
+                    str(c.tls_cert_file), str(c.tls_key_file) if c.tls_key_file else None
+                )
+            if not c.tls_verify:
+                context.check_hostname = False
+                context.verify_mode = ssl.CERT_NONE
+            client.tls_set_context(context)
+            client.tls_insecure_set(not c.tls_verify)
+        if self.status_topic is not None:
+            client.will_set(self.status_topic, b"offline", qos=1, retain=True)
+        connect_properties: Properties | None = None
+        if v5:
+            # paho's Properties constructor carries no annotations.
+            connect_properties = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
+            if c.persistent_session:
+                connect_properties.SessionExpiryInterval = c.session_expiry
+        client.on_connect = self._on_connect
+        client.on_disconnect = self._on_disconnect
+        client.on_publish = self._on_publish
+        client.on_socket_open = self._on_socket_open
+        client.on_socket_close = self._on_socket_close
+        client.on_socket_register_write = self._on_socket_register_write
+        client.on_socket_unregister_write = self._on_socket_unregister_write
+        # Stores the address and options only; the blocking connect runs in `_connect`.
+        client.connect_async(
+            c.host,
+            c.effective_port,
+            keepalive=c.keepalive,
+            clean_start=(not c.persistent_session) if v5 else mqtt.MQTT_CLEAN_START_FIRST_ONLY,
+            properties=connect_properties,
+        )
+        return client
+
+    async def _connect(self) -> None:
+        async with self._connect_lock:
+            if self._state in (_State.CONNECTED, _State.CLOSED):
+                return
+            client = self._client
+            assert client is not None
+            loop = asyncio.get_running_loop()
+            self._loop = loop
+            self._loop_thread = threading.get_ident()
+            self._connack = loop.create_future()
+            self._lost = loop.create_future()
+            try:
+                async with asyncio.timeout(self.config.connect_timeout + 1):
+                    # DNS, TCP and the TLS handshake block: keep them off the event loop.
+                    await asyncio.to_thread(client.reconnect)
+                    code, reason = await self._connack
+            except TimeoutError as exc:
+                self._abandon(client)
+                raise RetryableSinkError(
+                    f"broker {self.address}: no CONNACK within {self.config.connect_timeout:g}s",
+                    sink=self.name,
+                ) from exc
+            except ssl.SSLError as exc:
+                self._abandon(client)
+                raise RetryableSinkError(
+                    f"broker {self.address}: TLS handshake failed: {exc}", sink=self.name
+                ) from exc
+            except OSError as exc:
+                self._abandon(client)
+                raise RetryableSinkError(
+                    f"broker {self.address} unreachable: {exc.strerror or exc}", sink=self.name
+                ) from exc
+            if code != 0:
+                self._abandon(client)
+                message = (
+                    f"broker {self.address} refused the connection: {reason} "
+                    f"(CONNACK reason code {code})"
+                )
+                if code in _AUTH_CONNACK_CODES:
+                    message += "; check username/password/certificate"
+                if message != self._last_refusal:
+                    # Once per distinct refusal; the outbox keeps retrying with backoff.
+                    self.log.error("sink %s: %s; retrying", self.name, message)
+                    self._last_refusal = message
+                raise RetryableSinkError(message, sink=self.name)
+            self._last_refusal = None
+            self._state = _State.CONNECTED
+            self.connects += 1
+            self._misc_task = loop.create_task(
+                self._misc_loop(client), name=f"mqtt-misc:{self.name}"
+            )
+            if self.connects > 1:
+                self.log.info("sink %s: reconnected to %s", self.name, self.address)
+            if self.status_topic is not None:
+                status = self._publish_status(client, "online")
+                await self._wait_acks([status], self._lost)
+                if not status.done():
+                    raise RetryableSinkError(
+                        f"broker {self.address}: status message not acknowledged", sink=self.name
+                    )
+
+    def _abandon(self, client: mqtt.Client) -> None:
+        """Drop a connection attempt that did not end in CONNECTED."""
+        self._state = _State.DISCONNECTED
+        self._stop_io(client)
+        with contextlib.suppress(Exception):
+            # paho closes the socket at the next reconnect; close it now so no late CONNACK
+            # or reader callback lands on an abandoned attempt.
+            sock = client.socket()
+            if sock is not None:
+                sock.close()
+
+    def _stop_io(self, client: mqtt.Client) -> None:
+        if self._misc_task is not None:
+            self._misc_task.cancel()
+            self._misc_task = None
+        sock = client.socket()
+        if sock is not None and self._loop is not None:
+            with contextlib.suppress(Exception):
+                self._loop.remove_reader(sock.fileno())
+                self._loop.remove_writer(sock.fileno())
+
+    async def _misc_loop(self, client: mqtt.Client) -> None:
+        import paho.mqtt.client as mqtt
+
+        # Keepalive pings and the keepalive timeout live in loop_misc, which wants a tick.
+        while client.loop_misc() == mqtt.MQTT_ERR_SUCCESS:  # noqa: ASYNC110
+            await asyncio.sleep(1.0)
+
+    # -- publishing ----------------------------------------------------------------------------
+
+    def _publish_event(
+        self, client: mqtt.Client, loop: asyncio.AbstractEventLoop, event: Event
+    ) -> asyncio.Future[int]:
+        import paho.mqtt.client as mqtt
+
+        c = self.config
+        try:
+            topic = render_topic(c.topic, event)
+            payload, properties = self._encode(event)
+            info = client.publish(topic, payload, c.qos, c.retain, properties)
+        except ValueError as exc:
+            raise PermanentSinkError(f"cannot publish {event!r}: {exc}", sink=self.name) from exc
+        if info.rc == mqtt.MQTT_ERR_QUEUE_SIZE:
+            raise RetryableSinkError("paho's message queue is full", sink=self.name)
+        if info.rc not in (mqtt.MQTT_ERR_SUCCESS, mqtt.MQTT_ERR_NO_CONN):
+            raise RetryableSinkError(
+                f"publish failed: {mqtt.error_string(info.rc)}", sink=self.name
+            )
+        fut: asyncio.Future[int] = loop.create_future()
+        if c.qos == 0:
+            if info.rc != mqtt.MQTT_ERR_SUCCESS:
+                raise RetryableSinkError("connection lost while publishing", sink=self.name)
+            if info.is_published():
+                fut.set_result(0)
+                return fut
+        else:
+            # NO_CONN at QoS 1/2: paho keeps the message and sends it after the reconnect.
+            self._inflight[event.id] = fut
+            fut.add_done_callback(functools.partial(self._settled, event.id))
+        self._by_mid[info.mid] = fut
+        return fut
+
+    def _settled(self, event_id: str, _fut: asyncio.Future[int]) -> None:
+        self._inflight.pop(event_id, None)
+
+    def _publish_status(self, client: mqtt.Client, status: str) -> asyncio.Future[int]:
+        assert self.status_topic is not None and self._loop is not None
+        info = client.publish(self.status_topic, status.encode(), qos=1, retain=True)
+        fut: asyncio.Future[int] = self._loop.create_future()
+        self._by_mid[info.mid] = fut
+        return fut
+
+    def _encode(self, event: Event) -> tuple[bytes, Properties | None]:
+        if self.config.protocol == "3.1.1":
+            return event.json(), None
+        from paho.mqtt.packettypes import PacketTypes
+        from paho.mqtt.properties import Properties
+
+        properties = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]  # untyped in paho
+        if self.mode == "structured":
+            properties.ContentType = STRUCTURED_CONTENT_TYPE
+            return event.json(), properties
+        properties.ContentType = event.ce.datacontenttype
+        properties.UserProperty = list(event.attributes().items())
+        return event.data_json(), properties
+
+    async def _wait_acks(
+        self,
+        futures: list[asyncio.Future[int]],
+        lost: asyncio.Future[str],
+        wait_s: float | None = None,
+    ) -> None:
+        """Until every future is done, the connection is lost, or the deadline passes."""
+        remaining = sum(1 for f in futures if not f.done())
+        if not remaining:
+            return
+        loop = asyncio.get_running_loop()
+        all_done: asyncio.Future[None] = loop.create_future()
+
+        def one_done(_fut: asyncio.Future[int]) -> None:
+            nonlocal remaining
+            remaining -= 1
+            if remaining == 0 and not all_done.done():
+                all_done.set_result(None)
+
+        pending = [f for f in futures if not f.done()]
+        for fut in pending:
+            fut.add_done_callback(one_done)
+        watched: list[asyncio.Future[Any]] = [all_done, lost]
+        try:
+            await asyncio.wait(
+                watched,
+                timeout=self.config.ack_timeout if wait_s is None else wait_s,
+                return_when=asyncio.FIRST_COMPLETED,
+            )
+        finally:
+            for fut in pending:
+                fut.remove_done_callback(one_done)
+            all_done.cancel()
+
+    # -- paho callbacks (all on the event loop's thread, except socket ones during connect) ----
+
+    def _on_connect(
+        self,
+        client: mqtt.Client,
+        userdata: Any,
+        flags: Any,
+        reason_code: ReasonCode,
+        properties: Properties | None,
+    ) -> None:
+        connack = self._connack
+        if connack is not None and not connack.done():
+            connack.set_result((reason_code.value, reason_code.getName()))
+
+    def _on_disconnect(
+        self,
+        client: mqtt.Client,
+        userdata: Any,
+        flags: Any,
+        reason_code: ReasonCode,
+        properties: Properties | None,
+    ) -> None:
+        reason = f"connection to {self.address} lost: {reason_code.getName()}"
+        if self._state == _State.CONNECTED:
+            self.log.warning("sink %s: %s; reconnecting at the next send", self.name, reason)
+            self._state = _State.DISCONNECTED
+        connack = self._connack
+        if connack is not None and not connack.done():
+            connack.set_result((reason_code.value or 0x80, f"closed before CONNACK ({reason})"))
+        lost = self._lost
+        if lost is not None and not lost.done():
+            lost.set_result(reason)
+        if self._misc_task is not None:
+            self._misc_task.cancel()
+            self._misc_task = None
+
+    def _on_publish(
+        self,
+        client: mqtt.Client,
+        userdata: Any,
+        mid: int,
+        reason_code: ReasonCode,
+        properties: Properties | None,
+    ) -> None:
+        fut = self._by_mid.pop(mid, None)
+        if fut is not None and not fut.done():
+            fut.set_result(reason_code.value)
+
+    def _call_in_loop(self, func: Any, *args: Any) -> None:
+        loop = self._loop
+        if loop is None:
+            return
+        if threading.get_ident() == self._loop_thread:
+            func(*args)
+        else:
+            loop.call_soon_threadsafe(func, *args)
+
+    def _on_socket_open(self, client: mqtt.Client, userdata: Any, sock: Any) -> None:
+        self._call_in_loop(self._add_reader, client, sock)
+
+    def _add_reader(self, client: mqtt.Client, sock: Any) -> None:
+        assert self._loop is not None
+        current = client.socket()
+        # A socket of an attempt that was abandoned meanwhile is not ours to watch.
+        if current is not None and current is sock:
+            self._loop.add_reader(current.fileno(), self._readable, client)
+
+    def _readable(self, client: mqtt.Client) -> None:
+        client.loop_read()
+        # An SSL socket can hold decrypted bytes the selector does not see.
+        sock = client.socket()
+        while sock is not None and isinstance(sock, ssl.SSLSocket) and sock.pending():
+            client.loop_read()
+            sock = client.socket()
+
+    def _on_socket_close(self, client: mqtt.Client, userdata: Any, sock: Any) -> None:
+        loop = self._loop
+        if loop is None:
+            return
+        fileno = sock.fileno()
+        if fileno < 0:
+            return
+        if threading.get_ident() == self._loop_thread:
+            loop.remove_reader(fileno)
+            loop.remove_writer(fileno)
+        else:
+            loop.call_soon_threadsafe(loop.remove_reader, fileno)
+            loop.call_soon_threadsafe(loop.remove_writer, fileno)
+
+    def _on_socket_register_write(self, client: mqtt.Client, userdata: Any, sock: Any) -> None:
+        self._call_in_loop(self._add_writer, client, sock)
+
+    def _add_writer(self, client: mqtt.Client, sock: Any) -> None:
+        assert self._loop is not None
+        current = client.socket()
+        if current is not None and current is sock:
+            self._loop.add_writer(current.fileno(), client.loop_write)
+
+    def _on_socket_unregister_write(self, client: mqtt.Client, userdata: Any, sock: Any) -> None:
+        def remove() -> None:
+            assert self._loop is not None
+            with contextlib.suppress(Exception):
+                self._loop.remove_writer(sock.fileno())
+
+        self._call_in_loop(remove)
+
+
+def _reason_name(code: int) -> str:
+    from paho.mqtt.packettypes import PacketTypes
+    from paho.mqtt.reasoncodes import ReasonCode
+
+    try:
+        return ReasonCode(PacketTypes.PUBACK, identifier=code).getName()
+    except Exception:
+        return "unknown"

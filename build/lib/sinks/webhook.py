@@ -1,0 +1,539 @@
+"""`type: webhook`: CloudEvents over HTTP (binary, structured or batch mode), on aiohttp.
+
+Outcomes follow the CloudEvents HTTP webhook spec: 2xx delivered; 429 and 503 retried after
+their `Retry-After`; other 5xx, 408, timeouts and connection errors retried with the shared
+policy; 410 Gone stops the sink; redirects are not followed (a 3xx is permanent, like every
+other 4xx).
+
+In binary and structured mode each event is one request. A batch handed to `send` is split
+into one chain per actor; chains run concurrently (up to `concurrency`, default 1: engine
+order), events within a chain one after the other, so one actor's events always arrive in
+engine order. When an event fails with a
+retryable error, the rest of its chain is held back (not sent) and retried with it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import email.utils
+import hashlib
+import hmac
+import re
+import ssl
+import time
+from collections.abc import Sequence
+from enum import Enum
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+from urllib.parse import urlsplit
+
+from pydantic import (
+    AnyHttpUrl,
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    field_validator,
+    model_validator,
+)
+
+from relay.errors import (
+    PartialDeliveryError,
+    PermanentSinkError,
+    RetryableSinkError,
+    SinkError,
+    SinkStoppedError,
+)
+from sinks.base import Sink, SinkConfigBase, SinkContext, read_secret_file
+
+if TYPE_CHECKING:
+    import aiohttp
+
+    from relay.schema import Event
+
+USER_AGENT = "docker-event-relay/0.1"
+STRUCTURED_CONTENT_TYPE = "application/cloudevents+json; charset=utf-8"
+BATCH_CONTENT_TYPE = "application/cloudevents-batch+json; charset=utf-8"
+DEFAULT_SIGNATURE_HEADER = "X-Relay-Signature"
+EXCERPT_CHARS = 200
+# Read at most this much of a response: enough for an error excerpt, and reading to EOF lets
+# aiohttp put the connection back in the pool.
+_RESPONSE_READ_MAX = 64 * 1024
+
+_TOKEN = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
+# Headers the sink writes itself; an extra header must not silently replace them.
+_RESERVED_HEADERS = frozenset({"content-type", "content-length", "host", "transfer-encoding"})
+
+
+class WebhookTls(BaseModel):
+    """TLS for `https://` URLs: a custom CA and a client certificate (mTLS)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    ca_file: Path | None = Field(
+        default=None, description="PEM bundle of CAs to trust instead of the system's."
+    )
+    cert_file: Path | None = Field(default=None, description="Client certificate (PEM), for mTLS.")
+    key_file: Path | None = Field(
+        default=None, description="Client private key (PEM); default: in cert_file."
+    )
+    key_password: SecretStr | None = Field(default=None, description="Passphrase of key_file.")
+    key_password_file: Path | None = Field(
+        default=None, description="File holding the passphrase of key_file."
+    )
+    verify: bool = Field(
+        default=True, description="Verify the server certificate and host name. Keep it on."
+    )
+
+    @model_validator(mode="after")
+    def _check(self) -> WebhookTls:
+        if self.key_password_file is not None:
+            if self.key_password is not None:
+                raise ValueError("key_password and key_password_file: set only one")
+            self.key_password = read_secret_file(self.key_password_file, "key_password_file")
+            self.key_password_file = None
+        if self.key_file is not None and self.cert_file is None:
+            raise ValueError("key_file: set cert_file too")
+        # Build it once now so a missing or malformed PEM is a config error, not a retry loop.
+        self.ssl_context()
+        return self
+
+    def ssl_context(self) -> ssl.SSLContext:
+        try:
+            ctx = ssl.create_default_context(
+                cafile=str(self.ca_file) if self.ca_file is not None else None
+            )
+        except (OSError, ssl.SSLError) as exc:
+            raise ValueError(f"ca_file: cannot load {self.ca_file}: {exc}") from exc
+        if not self.verify:
+            ctx.check_hostname = False
+            ctx.verify_mode = ssl.CERT_NONE
+        if self.cert_file is not None:
+            password = self.key_password.get_secret_value() if self.key_password else None
+            try:
+                ctx.load_cert_chain(
+                    str(self.cert_file),
+                    str(self.key_file) if self.key_file is not None else None,
+                    password=password,
+                )
+            except (OSError, ssl.SSLError) as exc:
+                raise ValueError(
+                    f"cert_file/key_file: cannot load {self.cert_file}: {exc}"
+                ) from exc
+        return ctx
+
+
+class WebhookSinkConfig(SinkConfigBase):
+    type: Literal["webhook"] = "webhook"
+    url: AnyHttpUrl = Field(description="Where to send: http:// or https://.")
+    method: Literal["POST", "PUT"] = Field(default="POST", description="HTTP method.")
+    headers: dict[str, str] = Field(
+        default_factory=dict,
+        description="Extra request headers (names only are ever logged).",
+    )
+    timeout: float = Field(
+        default=10.0, gt=0, description="Seconds per request, connect to last byte."
+    )
+    mode: Literal["binary", "structured", "batch"] = Field(
+        default="binary",
+        description="binary: data as body, attributes as ce-* headers; structured: one "
+        "application/cloudevents+json event per request; batch: up to max_batch events per "
+        "application/cloudevents-batch+json request.",
+    )
+    max_batch: int = Field(
+        default=100,
+        ge=1,
+        le=10_000,
+        description="Events handed to one send call; in batch mode, the most events in one "
+        "request. A batch holds what is queued when the sink is free: the relay never waits "
+        "to fill it.",
+    )
+    concurrency: int = Field(
+        default=1,
+        ge=1,
+        le=256,
+        description="Requests in flight at once (binary and structured mode). 1 keeps engine "
+        "order; above 1 only each actor's events keep their order (they are always sent one "
+        "after the other).",
+    )
+    bearer_token: SecretStr | None = Field(
+        default=None, description="Sent as `Authorization: Bearer <token>`."
+    )
+    bearer_token_file: Path | None = Field(default=None, description="File holding bearer_token.")
+    secret: SecretStr | None = Field(
+        default=None,
+        description="Shared secret for HMAC-SHA256 request signing (see signature_header).",
+    )
+    secret_file: Path | None = Field(default=None, description="File holding secret.")
+    signature_header: str = Field(
+        default=DEFAULT_SIGNATURE_HEADER,
+        description="Header carrying `t=<unix seconds>,v1=<hex HMAC-SHA256 of "
+        "'<t>.' + body>` when secret is set.",
+    )
+    tls: WebhookTls | None = Field(default=None, description="CA and client certificate.")
+
+    @field_validator("url")
+    @classmethod
+    def _no_fragment(cls, url: AnyHttpUrl) -> AnyHttpUrl:
+        if url.fragment:
+            raise ValueError("a webhook URL has no #fragment")
+        return url
+
+    @field_validator("headers")
+    @classmethod
+    def _valid_headers(cls, headers: dict[str, str]) -> dict[str, str]:
+        for name, value in headers.items():
+            if not _TOKEN.match(name):
+                raise ValueError(f"{name!r} is not a valid header name")
+            lower = name.lower()
+            if lower in _RESERVED_HEADERS or lower.startswith("ce-"):
+                raise ValueError(f"{name!r} is set by the sink itself")
+            if any(c in value for c in "\r\n\0"):
+                raise ValueError(f"{name!r}: a header value cannot hold CR, LF or NUL")
+        return headers
+
+    @field_validator("signature_header")
+    @classmethod
+    def _valid_signature_header(cls, name: str) -> str:
+        if not _TOKEN.match(name) or name.lower() in _RESERVED_HEADERS:
+            raise ValueError(f"{name!r} is not a usable header name")
+        return name
+
+    @model_validator(mode="after")
+    def _resolve(self) -> WebhookSinkConfig:
+        for field, file_field in (("bearer_token", "bearer_token_file"), ("secret", "secret_file")):
+            path: Path | None = getattr(self, file_field)
+            if path is None:
+                continue
+            if getattr(self, field) is not None:
+                raise ValueError(f"{field} and {file_field}: set only one")
+            setattr(self, field, read_secret_file(path, file_field))
+            setattr(self, file_field, None)
+        if self.secret is not None and not self.secret.get_secret_value():
+            raise ValueError("secret: empty")
+        lower = {name.lower() for name in self.headers}
+        if self.bearer_token is not None and "authorization" in lower:
+            raise ValueError("headers: 'Authorization' conflicts with bearer_token")
+        if self.secret is not None and self.signature_header.lower() in lower:
+            raise ValueError(f"headers: {self.signature_header!r} is the signature header")
+        if self.tls is not None and self.url.scheme != "https":
+            raise ValueError("tls: set, but url is not https://")
+        return self
+
+    def build(self, context: SinkContext) -> Sink:
+        return WebhookSink(self.sink_name, self)
+
+
+# -- pure helpers (unit-tested) ------------------------------------------------------------
+
+
+def sign(secret: bytes, body: bytes, timestamp: int) -> str:
+    """The signature header value: `t=<unix>,v1=<hex HMAC-SHA256(secret, b"<t>." + body)>`."""
+    mac = hmac.new(secret, str(timestamp).encode() + b"." + body, hashlib.sha256)
+    return f"t={timestamp},v1={mac.hexdigest()}"
+
+
+def encode_header_value(value: str) -> str:
+    """CloudEvents HTTP binding 3.1.3.2: percent-encode space, '"', '%' and everything outside
+    printable ASCII (as UTF-8), so any attribute value survives as an HTTP header."""
+    out: list[str] = []
+    for ch in value:
+        if "\x21" <= ch <= "\x7e" and ch not in '"%':
+            out.append(ch)
+        else:
+            out.extend(f"%{b:02X}" for b in ch.encode("utf-8"))
+    return "".join(out)
+
+
+def binary_headers(event: Event) -> dict[str, str]:
+    headers = {f"ce-{k}": encode_header_value(v) for k, v in event.attributes().items()}
+    headers["Content-Type"] = event.ce.datacontenttype
+    return headers
+
+
+def parse_retry_after(value: str | None, now: float | None = None) -> float | None:
+    """Seconds to wait from a `Retry-After` header (delta-seconds or HTTP-date); None if absent
+    or unreadable (the shared backoff applies then)."""
+    if value is None:
+        return None
+    value = value.strip()
+    if not value:
+        return None
+    if value.isdigit():
+        return float(value)
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError, IndexError):
+        return None
+    if when.tzinfo is None:  # RFC 9110 dates are GMT; a naive result means it said so oddly
+        return None
+    return max(0.0, when.timestamp() - (time.time() if now is None else now))
+
+
+def excerpt(body: bytes, limit: int = EXCERPT_CHARS) -> str:
+    text = " ".join(body.decode("utf-8", "replace").split())
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def classify(
+    status: int,
+    reason: str,
+    where: str,
+    body: bytes,
+    retry_after: str | None,
+    location: str | None,
+    sink: str,
+) -> SinkError | None:
+    """The outcome of one answered request: None when delivered, else the error to raise."""
+    if 200 <= status < 300:
+        return None
+    said = f"{where} answered {status} {reason}".rstrip()
+    text = excerpt(body)
+    detail = f"{said}: {text}" if text else said
+    if status == 410:
+        return SinkStoppedError(
+            f"{said}: the receiver is gone and asked us to stop; the sink stays stopped until "
+            "the relay restarts",
+            sink=sink,
+        )
+    if status in (429, 503):
+        return RetryableSinkError(detail, sink=sink, retry_after=parse_retry_after(retry_after))
+    if status >= 500 or status == 408:
+        return RetryableSinkError(detail, sink=sink)
+    if 300 <= status < 400:
+        to = f" to {redact_url(location)}" if location else ""
+        return PermanentSinkError(
+            f"{said}: redirect{to} not followed (a webhook must answer at its URL)", sink=sink
+        )
+    return PermanentSinkError(detail, sink=sink)
+
+
+def redact_url(url: str) -> str:
+    """scheme://host[:port]/path: no user info, no query (both may carry credentials)."""
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    if ":" in host:
+        host = f"[{host}]"
+    port = f":{parts.port}" if parts.port else ""
+    return f"{parts.scheme}://{host}{port}{parts.path}" if parts.scheme else parts.path
+
+
+def ordering_key(event: Event) -> tuple[str, str]:
+    """Events with the same key keep their order. Prune events have no actor: per type."""
+    data = event.ce.data
+    return (data.type, data.actor.id)
+
+
+def chains(batch: Sequence[Event]) -> list[list[int]]:
+    """Batch indexes grouped per actor, each chain in batch order, chains by first appearance."""
+    groups: dict[tuple[str, str], list[int]] = {}
+    for index, event in enumerate(batch):
+        groups.setdefault(ordering_key(event), []).append(index)
+    return list(groups.values())
+
+
+# -- the sink --------------------------------------------------------------------------------
+
+
+class _State(Enum):
+    NEW = "new"
+    OPEN = "open"
+    CLOSED = "closed"
+
+
+class WebhookSink(Sink):
+    def __init__(self, name: str, config: WebhookSinkConfig) -> None:
+        super().__init__(name, config.max_batch)
+        self.config = config
+        self._url = str(config.url)
+        self._where = f"{config.method} {redact_url(self._url)}"
+        self._secret = config.secret.get_secret_value().encode() if config.secret else None
+        self._session: aiohttp.ClientSession | None = None
+        self._state = _State.NEW
+        self._gone: str | None = None
+        self._static_headers: dict[str, str] = {"User-Agent": USER_AGENT, **config.headers}
+        if config.bearer_token is not None:
+            self._static_headers["Authorization"] = (
+                f"Bearer {config.bearer_token.get_secret_value()}"
+            )
+
+    def describe(self) -> dict[str, Any]:
+        c = self.config
+        return {
+            "url": redact_url(self._url),
+            "method": c.method,
+            "mode": c.mode,
+            "max_batch": c.max_batch,
+            "concurrency": c.concurrency,
+            "timeout": c.timeout,
+            "headers": sorted(c.headers),
+            "bearer_token": c.bearer_token is not None,
+            "signed": c.secret is not None,
+            "tls": None
+            if c.tls is None
+            else {
+                "ca_file": str(c.tls.ca_file) if c.tls.ca_file else None,
+                "client_cert": c.tls.cert_file is not None,
+                "verify": c.tls.verify,
+            },
+        }
+
+    async def start(self) -> None:
+        if self._state is _State.CLOSED:
+            raise PermanentSinkError("sink is closed", sink=self.name)
+        if self._state is _State.OPEN:
+            return
+        import aiohttp
+
+        ssl_arg: ssl.SSLContext | bool = True
+        if self.config.tls is not None:
+            try:
+                ssl_arg = self.config.tls.ssl_context()
+            except ValueError as exc:  # a file changed since the config was checked
+                raise RetryableSinkError(f"tls: {exc}", sink=self.name) from exc
+        connector = aiohttp.TCPConnector(limit=self.config.concurrency, ssl=ssl_arg)
+        self._session = aiohttp.ClientSession(
+            connector=connector,
+            timeout=aiohttp.ClientTimeout(total=self.config.timeout),
+            auto_decompress=False,
+            # Proxies from the environment would be a silent surprise for a relay.
+            trust_env=False,
+        )
+        self._state = _State.OPEN
+
+    async def aclose(self) -> None:
+        self._state = _State.CLOSED
+        session, self._session = self._session, None
+        if session is not None:
+            await session.close()
+
+    async def send(self, batch: Sequence[Event]) -> None:
+        session = self._session
+        if self._state is not _State.OPEN or session is None:
+            raise RetryableSinkError(f"sink is {self._state.value}", sink=self.name)
+        if self._gone is not None:
+            raise SinkStoppedError(self._gone, sink=self.name)
+        if not batch:
+            return
+        if self.config.mode == "batch":
+            body = b"[" + b",".join([event.json() for event in batch]) + b"]"
+            await self._post(session, body, {"Content-Type": BATCH_CONTENT_TYPE})
+            return
+        await self._send_chains(session, batch)
+
+    async def _send_chains(self, session: aiohttp.ClientSession, batch: Sequence[Event]) -> None:
+        failures: dict[int, SinkError] = {}
+        delivered = 0
+        limit = asyncio.Semaphore(self.config.concurrency)
+
+        async def run_chain(indexes: list[int]) -> None:
+            nonlocal delivered
+            async with limit:
+                for pos, index in enumerate(indexes):
+                    if self._gone is not None:
+                        for rest in indexes[pos:]:
+                            failures[rest] = SinkStoppedError(self._gone, sink=self.name)
+                        return
+                    try:
+                        await self._post_event(session, batch[index])
+                    except SinkStoppedError as exc:
+                        self._gone = str(exc.args[0])
+                        failures[index] = exc
+                    except RetryableSinkError as exc:
+                        failures[index] = exc
+                        held = RetryableSinkError(
+                            f"held back behind event {batch[index].id}: {exc}",
+                            sink=self.name,
+                            retry_after=exc.retry_after,
+                        )
+                        for rest in indexes[pos + 1 :]:
+                            failures[rest] = held
+                        return
+                    except SinkError as exc:
+                        failures[index] = exc
+                    else:
+                        delivered += 1
+
+        # One request at a time means engine order across actors too: one chain of everything.
+        groups = [list(range(len(batch)))] if self.config.concurrency == 1 else chains(batch)
+        if len(groups) == 1:
+            await run_chain(groups[0])
+        else:
+            async with asyncio.TaskGroup() as tg:
+                for group in groups:
+                    tg.create_task(run_chain(group))
+        if not failures:
+            return
+        retryable = [e for e in failures.values() if isinstance(e, RetryableSinkError)]
+        waits = [e.retry_after for e in retryable if e.retry_after is not None]
+        if waits:
+            # The outbox takes the wait of the first retryable failure: make it the longest.
+            for err in retryable:
+                err.retry_after = max(waits)
+        if delivered == 0:
+            # One error stands for the whole batch: raise it as it is.
+            first = failures[min(failures)]
+            if (
+                len(failures) == 1
+                or len(retryable) == len(failures)
+                or all(isinstance(e, SinkStoppedError) for e in failures.values())
+            ):
+                raise first
+        raise PartialDeliveryError(failures, sink=self.name)
+
+    async def _post_event(self, session: aiohttp.ClientSession, event: Event) -> None:
+        if self.config.mode == "binary":
+            await self._post(session, event.data_json(), binary_headers(event))
+        else:
+            await self._post(session, event.json(), {"Content-Type": STRUCTURED_CONTENT_TYPE})
+
+    async def _post(
+        self, session: aiohttp.ClientSession, body: bytes, headers: dict[str, str]
+    ) -> None:
+        import aiohttp
+
+        all_headers = {**self._static_headers, **headers}
+        if self._secret is not None:
+            all_headers[self.config.signature_header] = sign(self._secret, body, int(time.time()))
+        try:
+            async with session.request(
+                self.config.method,
+                self._url,
+                data=body,
+                headers=all_headers,
+                allow_redirects=False,
+            ) as resp:
+                content = await _read_limited(resp)
+                error = classify(
+                    resp.status,
+                    resp.reason or "",
+                    self._where,
+                    content,
+                    resp.headers.get("Retry-After"),
+                    resp.headers.get("Location"),
+                    self.name,
+                )
+        except TimeoutError as exc:
+            raise RetryableSinkError(
+                f"{self._where}: no answer within {self.config.timeout:g}s", sink=self.name
+            ) from exc
+        except aiohttp.ClientSSLError as exc:
+            raise RetryableSinkError(f"{self._where}: TLS failed: {exc}", sink=self.name) from exc
+        except aiohttp.ClientError as exc:
+            raise RetryableSinkError(
+                f"{self._where}: {type(exc).__name__}: {exc}", sink=self.name
+            ) from exc
+        if error is not None:
+            raise error
+
+
+async def _read_limited(resp: aiohttp.ClientResponse) -> bytes:
+    chunks: list[bytes] = []
+    size = 0
+    while size < _RESPONSE_READ_MAX:
+        chunk = await resp.content.read(_RESPONSE_READ_MAX - size)
+        if not chunk:
+            break
+        chunks.append(chunk)
+        size += len(chunk)
+    return b"".join(chunks)

@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# The whole test suite, with all set-up done first (a fresh machine of this kind needs nothing
+# else): lint, types, unit tests, and integration tests against real engines (Docker 20.10 and
+# 28.5), a real Kafka-protocol broker (tansu), real Mosquitto and real HTTP servers, all
+# started by the tests themselves.
+#
+#   bash scripts/test.sh [pytest options...]
+set -euo pipefail
+
+REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$REPO"
+
+bash scripts/setup.sh
+
+echo "[test] ruff" >&2
+.venv/bin/ruff check relay sinks tests bench
+echo "[test] mypy --strict relay sinks" >&2
+.venv/bin/mypy
+echo "[test] pytest" >&2
+exec .venv/bin/pytest -p no:cacheprovider "$@"
