@@ -16,16 +16,16 @@ DATASCHEMA: Final = "urn:docker-event-relay:schema:v1"
 DEFAULT_TYPE_PREFIX: Final = "dev.docker-event-relay"
 
 
-class Actor(msgspec.Struct, frozen=True, omit_defaults=True):
+class Actor(msgspec.Struct, frozen=True, omit_defaults=True, kw_only=True):
     """The object the event is about. `labels` are kept apart from the engine's attributes."""
 
     id: str
+    name: str | None = None
     attributes: dict[str, str]
     labels: dict[str, str]
-    name: str | None = None
 
 
-class Engine(msgspec.Struct, frozen=True, omit_defaults=True):
+class Engine(msgspec.Struct, frozen=True, omit_defaults=True, kw_only=True):
     """The engine that emitted the event, from its `/info` and `/version`."""
 
     id: str
@@ -35,18 +35,18 @@ class Engine(msgspec.Struct, frozen=True, omit_defaults=True):
     node_name: str | None = None
 
 
-class EventData(msgspec.Struct, frozen=True, omit_defaults=True):
+class EventData(msgspec.Struct, frozen=True, omit_defaults=True, kw_only=True):
     """Normalized engine event (the CloudEvent's `data`), schema version 1."""
 
     type: str
     action: str
+    action_detail: str | None = None
     scope: str
     time: str
     time_nano: int
     actor: Actor
-    engine: Engine
-    action_detail: str | None = None
     reclaimed_bytes: int | None = None
+    engine: Engine
 
 
 class CloudEvent(msgspec.Struct, frozen=True, omit_defaults=True, kw_only=True):

@@ -98,7 +98,9 @@ class SchemaSettings(_Section):
 
 
 class LogSettings(_Section):
-    level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
+        default="INFO", description="DEBUG, INFO, WARNING or ERROR."
+    )
     format: Literal["json", "console"] = Field(
         default="json", description="json lines, or a readable console format."
     )
@@ -106,8 +108,8 @@ class LogSettings(_Section):
 
 class HttpSettings(_Section):
     enabled: bool = Field(default=True, description="Serve /metrics, /healthz and /readyz.")
-    host: str = "0.0.0.0"
-    port: int = Field(default=9477, ge=0, le=65535)
+    host: str = Field(default="0.0.0.0", description="Address of the HTTP port.")
+    port: int = Field(default=9477, ge=0, le=65535, description="The HTTP port (0: any free).")
 
 
 class Settings(BaseSettings):

@@ -16,7 +16,7 @@ from typing import Any
 
 import msgspec
 import pytest
-from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka import AIOKafkaConsumer
 
 from relay.errors import PartialDeliveryError, PermanentSinkError, RetryableSinkError
 from relay.router import RouteFilter
@@ -86,7 +86,7 @@ async def consume(
     bootstrap: str,
     topics: Sequence[str],
     done: Any,
-    timeout: float = 30.0,
+    timeout: float = 30.0,  # noqa: ASYNC109 - the deadline is checked inside the poll loop
     ssl_context: ssl.SSLContext | None = None,
 ) -> list[Record]:
     """Every record of `topics` from the beginning, until `done(records)` holds or the deadline.
@@ -146,7 +146,12 @@ class TestKafkaContract(SinkContract):
         # One key: one partition, so "arrival order" is the broker's order, well defined.
         return kafka_sink(self.bootstrap, topic=self.topic, key="contract")
 
-    async def read_back(self, sink: Sink, ids: list[str], timeout: float) -> list[dict[str, Any]]:
+    async def read_back(
+        self,
+        sink: Sink,
+        ids: list[str],
+        timeout: float,  # noqa: ASYNC109 - the contract's signature
+    ) -> list[dict[str, Any]]:
         records = await consume(self.bootstrap, [self.topic], has_ids(ids), timeout)
         by_id = [r.structured for r in records if r.id in set(ids)]
         return by_id
@@ -403,3 +408,370 @@ async def test_broker_down_then_back_loses_nothing(
     emitted = engine_events(engine, since, time.time(), f"label={LABEL}={run}")
     assert [e["Action"] for e in emitted] == ["create"] * 28
     assert {e["Actor"]["Attributes"]["name"] for e in emitted[3:]} == names
+
+
+# -- failures -------------------------------------------------------------------------------
+
+
+def _big_event(event: Event, size: int) -> Event:
+    data = event.ce.data
+    actor = msgspec.structs.replace(data.actor, labels={**data.actor.labels, "big": "x" * size})
+    ce = msgspec.structs.replace(event.ce, data=msgspec.structs.replace(data, actor=actor))
+    return Event(ce, event.seq)
+
+
+async def test_record_too_large_fails_alone_and_is_dead_lettered(
+    tansu: Tansu, tmp_path: Path
+) -> None:
+    topic = unique("big")
+    events = sample_events(3)
+    batch = [events[0], _big_event(events[1], 4096), events[2]]
+    sink = kafka_sink(tansu.bootstrap, topic=topic, max_request_size=2048, key="one")
+    await sink.start()
+    try:
+        with pytest.raises(PartialDeliveryError) as info:
+            await sink.send(batch)
+    finally:
+        await sink.aclose()
+    assert list(info.value.failures) == [1]
+    error = info.value.failures[1]
+    assert isinstance(error, PermanentSinkError)
+    assert "too large" in str(error) and "[kafka]" in str(error)
+    records = await consume(tansu.bootstrap, [topic], lambda rs: len(rs) >= 2)
+    assert [r.id for r in records] == [events[0].id, events[2].id]
+
+
+async def test_record_too_large_from_the_engine_goes_to_the_dead_letter_file(
+    engine: PrivateEngine, tansu: Tansu, tmp_path: Path
+) -> None:
+    run = unique("L")
+    topic = unique("dl")
+    settings = relay_settings(
+        engine.docker_host,
+        tmp_path,
+        sinks=[
+            {
+                "type": "kafka",
+                "bootstrap_servers": tansu.bootstrap,
+                "enable_idempotence": False,
+                "topic": topic,
+                "max_request_size": 4096,
+                "filter": {"labels": {LABEL: run}},
+            }
+        ],
+    )
+    async with running_relay(settings) as relay:
+        engine.cli(
+            "create",
+            "--name",
+            f"{run}-big",
+            "--label",
+            f"{LABEL}={run}",
+            "--label",
+            "blob=" + "y" * 6000,
+            "--network",
+            "none",
+            "busybox:latest",
+            "true",
+        )
+        engine.cli(
+            "create",
+            "--name",
+            f"{run}-small",
+            "--label",
+            f"{LABEL}={run}",
+            "--network",
+            "none",
+            "busybox:latest",
+            "true",
+        )
+        await async_wait_for(lambda: relay.dead_letter.count == 1, 20, message="dead-lettered")
+        records = await consume(tansu.bootstrap, [topic], lambda rs: len(rs) >= 1)
+    assert [r.structured["data"]["actor"]["name"] for r in records] == [f"{run}-small"]
+    lines = settings.dead_letter_file.read_text().splitlines()
+    assert len(lines) == 1
+    dead = json.loads(lines[0])
+    assert dead["reason"] == "permanent" and dead["sink"] == "kafka"
+    assert "too large" in dead["error"]
+    assert dead["event"]["data"]["actor"]["name"] == f"{run}-big"
+
+
+async def test_unreachable_bootstrap_is_retried_with_a_log_line_naming_the_sink(
+    engine: PrivateEngine, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    run = unique("u")
+    address = f"{HOST}:{free_port()}"
+    settings = relay_settings(
+        engine.docker_host,
+        tmp_path,
+        startup_timeout=0.5,
+        sinks=[
+            {
+                "type": "kafka",
+                "name": "kafka-nowhere",
+                "bootstrap_servers": address,
+                "enable_idempotence": False,
+                "request_timeout": 1.0,
+                "filter": {"labels": {LABEL: run}},
+            }
+        ],
+    )
+    caplog.set_level(logging.WARNING, logger="relay")
+    async with running_relay(settings) as relay:
+        worker = relay.workers[0]
+        engine.cli(
+            "create",
+            "--name",
+            f"{run}-c",
+            "--label",
+            f"{LABEL}={run}",
+            "--network",
+            "none",
+            "busybox:latest",
+            "true",
+        )
+        # Kept, not dropped: the event waits in the outbox while start is retried.
+        await async_wait_for(lambda: len(worker.outbox) == 1, 20, message="event held")
+        ready, why = relay.readiness()
+        assert not ready and "kafka-nowhere" in why
+        assert relay.dead_letter.count == 0
+    lines = [r.getMessage() for r in caplog.records if r.name.startswith("relay")]
+    failing = [line for line in lines if "kafka-nowhere" in line and "retrying" in line]
+    assert failing, lines
+    assert f"cannot connect to {address}" in failing[0]
+    assert "Connect call failed" in failing[0] or "refused" in failing[0].lower()
+
+
+async def test_sasl_settings_reach_the_client(
+    tansu: Tansu, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # No SASL server can run here (tansu's user store does not work): this proves the
+    # settings reach aiokafka as given and that a broker refusing the handshake is a retried
+    # failure whose message carries no secret.
+    secret = "s3cret-" + uuid.uuid4().hex
+    password_file = tmp_path / "password"
+    password_file.write_text(secret + "\n")
+    sink = kafka_sink(
+        tansu.bootstrap,
+        request_timeout=2.0,
+        sasl={"mechanism": "SCRAM-SHA-512", "username": "relay", "password_file": password_file},
+    )
+    options = sink.config.producer_options("test")
+    assert options["security_protocol"] == "SASL_PLAINTEXT"
+    assert options["sasl_mechanism"] == "SCRAM-SHA-512"
+    assert options["sasl_plain_username"] == "relay"
+    assert options["sasl_plain_password"] == secret
+    caplog.set_level(logging.DEBUG)
+    with pytest.raises(RetryableSinkError) as info:
+        await sink.start()
+    await sink.aclose()
+    assert "SASL_PLAINTEXT" in str(info.value) and "[kafka]" in str(info.value)
+    for text in (str(info.value), repr(sink.config), str(sink.describe()), caplog.text):
+        assert secret not in text
+
+
+# -- TLS through stunnel --------------------------------------------------------------------
+
+
+def _openssl(*args: str, cwd: Path) -> None:
+    subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True)
+
+
+def make_ca(directory: Path, name: str) -> Path:
+    directory.mkdir(parents=True, exist_ok=True)
+    _openssl(
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-days",
+        "2",
+        "-keyout",
+        f"{name}.key",
+        "-out",
+        f"{name}.pem",
+        "-subj",
+        f"/CN={name}",
+        cwd=directory,
+    )
+    return directory / f"{name}.pem"
+
+
+def make_cert(directory: Path, ca: str, name: str, san: str) -> tuple[Path, Path]:
+    (directory / f"{name}.ext").write_text(f"subjectAltName={san}\n")
+    _openssl(
+        "req",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-keyout",
+        f"{name}.key",
+        "-out",
+        f"{name}.csr",
+        "-subj",
+        f"/CN={name}",
+        cwd=directory,
+    )
+    _openssl(
+        "x509",
+        "-req",
+        "-in",
+        f"{name}.csr",
+        "-CA",
+        f"{ca}.pem",
+        "-CAkey",
+        f"{ca}.key",
+        "-CAcreateserial",
+        "-days",
+        "2",
+        "-out",
+        f"{name}.pem",
+        "-extfile",
+        f"{name}.ext",
+        cwd=directory,
+    )
+    return directory / f"{name}.pem", directory / f"{name}.key"
+
+
+class AdvertisedTansu(Tansu):
+    """tansu whose advertised listener is another port (the TLS terminator in front of it)."""
+
+    def __init__(self, workdir: Path, advertised_port: int) -> None:
+        super().__init__(workdir)
+        self.advertised_port = advertised_port
+
+    def command(self) -> list[str]:
+        command = super().command()
+        index = command.index("--advertised-listener-url")
+        command[index + 1] = f"tcp://{HOST}:{self.advertised_port}"
+        return command
+
+
+class Stunnel(BrokerProcess):
+    name = "stunnel"
+
+    def __init__(
+        self, workdir: Path, port: int, target: int, cert: Path, key: Path, client_ca: Path
+    ) -> None:
+        super().__init__(workdir, port)
+        self.target, self.cert, self.key, self.client_ca = target, cert, key, client_ca
+
+    def prepare(self) -> None:
+        (self.workdir / "stunnel.conf").write_text(
+            "\n".join(
+                [
+                    "foreground = yes",
+                    "pid =",
+                    "debug = notice",
+                    "[kafka]",
+                    f"accept = {HOST}:{self.port}",
+                    f"connect = {HOST}:{self.target}",
+                    f"cert = {self.cert}",
+                    f"key = {self.key}",
+                    # mTLS: a client without a certificate from this CA is turned away.
+                    f"CAfile = {self.client_ca}",
+                    "verifyChain = yes",
+                    "requireCert = yes",
+                ]
+            )
+            + "\n"
+        )
+
+    def command(self) -> list[str]:
+        return ["stunnel4", str(self.workdir / "stunnel.conf")]
+
+
+@dataclass
+class TlsKafka:
+    bootstrap: str
+    ca: Path
+    other_ca: Path
+    client_cert: Path
+    client_key: Path
+
+    def client_context(self) -> ssl.SSLContext:
+        ctx = ssl.create_default_context(cafile=str(self.ca))
+        ctx.load_cert_chain(str(self.client_cert), str(self.client_key))
+        return ctx
+
+
+@pytest.fixture
+def tls_kafka(tmp_path: Path) -> Iterator[TlsKafka]:
+    pki = tmp_path / "pki"
+    ca = make_ca(pki, "ca")
+    other_ca = make_ca(pki, "other-ca")
+    cert, key = make_cert(pki, "ca", "server", "IP:127.0.0.1")
+    client_cert, client_key = make_cert(pki, "ca", "client", "DNS:relay")
+    tls_port = free_port()
+    broker = AdvertisedTansu(tmp_path / "tansu", tls_port)
+    broker.start()
+    tunnel = Stunnel(tmp_path / "stunnel", tls_port, broker.port, cert, key, ca)
+    try:
+        tunnel.start()
+        yield TlsKafka(f"{HOST}:{tls_port}", ca, other_ca, client_cert, client_key)
+    finally:
+        tunnel.stop()
+        broker.stop()
+
+
+async def test_tls_with_client_certificate(tls_kafka: TlsKafka) -> None:
+    topic = unique("tls")
+    events = sample_events(20)
+    sink = kafka_sink(
+        tls_kafka.bootstrap,
+        topic=topic,
+        tls={
+            "enabled": True,
+            "ca_file": tls_kafka.ca,
+            "cert_file": tls_kafka.client_cert,
+            "key_file": tls_kafka.client_key,
+        },
+    )
+    assert sink.describe()["security_protocol"] == "SSL"
+    await sink.start()
+    try:
+        await sink.send(events)
+    finally:
+        await sink.aclose()
+    records = await consume(
+        tls_kafka.bootstrap,
+        [topic],
+        has_ids([e.id for e in events]),
+        ssl_context=tls_kafka.client_context(),
+    )
+    assert sorted(r.id for r in records) == sorted(e.id for e in events)
+    assert {r.id: r.structured for r in records} == {e.id: structured(e) for e in events}
+
+
+async def test_tls_with_a_wrong_ca_is_a_clear_retryable_error(tls_kafka: TlsKafka) -> None:
+    sink = kafka_sink(
+        tls_kafka.bootstrap,
+        request_timeout=2.0,
+        tls={
+            "enabled": True,
+            "ca_file": tls_kafka.other_ca,
+            "cert_file": tls_kafka.client_cert,
+            "key_file": tls_kafka.client_key,
+        },
+    )
+    with pytest.raises(RetryableSinkError) as info:
+        await sink.start()
+    await sink.aclose()
+    message = str(info.value)
+    assert message.startswith("[kafka] cannot connect to " + tls_kafka.bootstrap + " (SSL)")
+    assert (
+        "certificate verify failed" in message
+        or "self-signed" in message
+        or ("unable to get local issuer" in message)
+    ), message
+
+
+async def test_tls_without_client_certificate_is_refused(tls_kafka: TlsKafka) -> None:
+    sink = kafka_sink(
+        tls_kafka.bootstrap, request_timeout=2.0, tls={"enabled": True, "ca_file": tls_kafka.ca}
+    )
+    with pytest.raises(RetryableSinkError) as info:
+        await sink.start()
+    await sink.aclose()
+    assert "(SSL)" in str(info.value)

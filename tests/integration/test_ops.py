@@ -139,7 +139,7 @@ async def test_metrics_count_what_the_engine_sent(engine: PrivateEngine, tmp_pat
         assert m.get("relay_events_delivered_total", sink="file") == len(read_jsonl(out))
         for sink in sink_names:
             assert m.total("relay_events_dead_lettered_total", sink=sink) == 0
-            assert m.get("relay_events_dropped_total", sink=sink) == 0
+            assert m.total("relay_events_dropped_total", sink=sink) == 0
             assert m.get("relay_outbox_depth", sink=sink) == 0
             assert m.get("relay_sink_up", sink=sink) == 1
             assert m.get("relay_delivery_latency_seconds_count", sink=sink) == len(reported)

@@ -1,1 +1,0 @@
-"""Destinations. One module per sink type; `registry` ties their configs into one union."""
