@@ -151,8 +151,9 @@ def main() -> None:
           f"({min(floors):,.0f}-{max(floors):,.0f})")
     print(f"relay  (framing+normalize+encode)  : {med(relays):>10,.0f} events/s "
           f"({min(relays):,.0f}-{max(relays):,.0f})")
+    ratios = [r / f for r, f in zip(relays, floors, strict=True)]
     print(f"ratio relay/floor                  : {med(relays) / med(floors):.2f} "
-          f"(per-run medians of ratios: {med(r / f for r, f in zip(relays, floors)):.2f})")
+          f"(median of per-run ratios: {med(ratios):.2f})")
     print(f"process end to end (stdout sink)   : {med(procs):>10,.0f} events/s "
           f"({min(procs):,.0f}-{max(procs):,.0f}), includes start-up")
     print(f"process RSS after {args.events:,} flooded events: {med(rsss):.1f} MB "

@@ -58,8 +58,13 @@ if [[ -z ${BASE_IMAGE:-} ]]; then
 fi
 
 log "building wheels"
-rm -rf "$WORK/wheels"
-"$PYTHON" -m pip wheel --quiet --wheel-dir "$WORK/wheels" . "setuptools>=68" wheel pip
+# From a copy: setuptools leaves build/ and *.egg-info beside the sources it builds.
+rm -rf "$WORK/wheels" "$WORK/src"
+mkdir -p "$WORK/src"
+cp -r pyproject.toml relay sinks "$WORK/src/"
+cp README* "$WORK/src/" 2>/dev/null || true
+find "$WORK/src" -name __pycache__ -prune -exec rm -rf {} +
+"$PYTHON" -m pip wheel --quiet --wheel-dir "$WORK/wheels" "$WORK/src" "setuptools>=68" wheel pip
 
 port="$("$PYTHON" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')"
 "$PYTHON" -m http.server --bind 127.0.0.1 --directory "$WORK/wheels" "$port" \

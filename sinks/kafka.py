@@ -1,5 +1,3 @@
-# aiokafka ships no type information; until pyproject.toml says so for aiokafka.*:
-# mypy: disable-error-code="import-untyped"
 """`type: kafka`: CloudEvents over the Kafka protocol binding, on aiokafka.
 
 Binary mode (default): the context attributes go into `ce_*` headers, `datacontenttype` into
@@ -26,7 +24,6 @@ from __future__ import annotations
 import asyncio
 import re
 import ssl
-import string
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final, Literal
@@ -39,116 +36,13 @@ from relay.errors import (
     RetryableSinkError,
     SinkError,
 )
+from relay.template import Template
 from sinks.base import Sink, SinkConfigBase, SinkContext, read_secret_file
 
 if TYPE_CHECKING:
     from aiokafka import AIOKafkaProducer
 
     from relay.schema import Event
-
-# --- templates ----------------------------------------------------------------------------
-
-TEMPLATE_FIELDS: Final = frozenset(
-    {
-        "type",
-        "action",
-        "scope",
-        "actor_id",
-        "actor_name",
-        "engine_id",
-        "engine_name",
-        "node_name",
-        "id",
-        "source",
-        "subject",
-    }
-)
-
-
-class Template:
-    """A `str.format`-style template over event fields, checked once and rendered fast.
-
-    Only plain `{field}` placeholders are allowed: no attribute access, indexing, conversion or
-    format spec, so rendering cannot fail or reach into objects at run time.
-    """
-
-    __slots__ = ("_parts", "fields", "source")
-
-    def __init__(self, source: str) -> None:
-        self.source = source
-        parts: list[tuple[str, str | None]] = []
-        fields: list[str] = []
-        try:
-            parsed = list(string.Formatter().parse(source))
-        except ValueError as exc:
-            raise ValueError(f"malformed template {source!r}: {exc}") from exc
-        for literal, field, spec, conversion in parsed:
-            if field is None:
-                parts.append((literal, None))
-                continue
-            if field == "" or field.isdigit():
-                raise ValueError(
-                    f"template {source!r}: positional placeholder {{{field}}}; name a field: "
-                    + ", ".join(sorted(TEMPLATE_FIELDS))
-                )
-            if field not in TEMPLATE_FIELDS:
-                raise ValueError(
-                    f"template {source!r}: unknown field {{{field}}}; known: "
-                    + ", ".join(sorted(TEMPLATE_FIELDS))
-                )
-            if spec or conversion:
-                raise ValueError(
-                    f"template {source!r}: {{{field}}} takes no format spec or conversion"
-                )
-            parts.append((literal, field))
-            fields.append(field)
-        self._parts = tuple(parts)
-        self.fields = frozenset(fields)
-
-    @property
-    def literal_text(self) -> str:
-        return "".join(literal for literal, _ in self._parts)
-
-    def render(self, event: Event) -> str:
-        values = template_values(event, self.fields)
-        return "".join(
-            literal + (values[field] if field is not None else "") for literal, field in self._parts
-        )
-
-    def __repr__(self) -> str:
-        return f"Template({self.source!r})"
-
-
-def template_values(event: Event, fields: frozenset[str]) -> dict[str, str]:
-    """The template fields of one event; absent values render as empty strings."""
-    ce = event.ce
-    data = ce.data
-    out: dict[str, str] = {}
-    for field in fields:
-        if field == "type":
-            out[field] = data.type
-        elif field == "action":
-            out[field] = data.action
-        elif field == "scope":
-            out[field] = data.scope
-        elif field == "actor_id":
-            out[field] = data.actor.id
-        elif field == "actor_name":
-            out[field] = data.actor.name or ""
-        elif field == "engine_id":
-            out[field] = data.engine.id
-        elif field == "engine_name":
-            out[field] = data.engine.name
-        elif field == "node_name":
-            out[field] = data.engine.node_name or ""
-        elif field == "id":
-            out[field] = ce.id
-        elif field == "source":
-            out[field] = ce.source
-        elif field == "subject":
-            out[field] = ce.subject or ""
-    return out
-
 
 # Kafka's own rule for topic names (kafka.common.internals.Topic).
 _TOPIC_RE: Final = re.compile(r"[a-zA-Z0-9._-]{1,249}")

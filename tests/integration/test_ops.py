@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from relay.app import Relay
@@ -24,7 +25,7 @@ from relay.router import RouteFilter
 from sinks.base import SinkContext
 from sinks.stdout import StdoutSink
 from sinks.webhook import WebhookSinkConfig
-from tests.harness import PrivateEngine, async_wait_for, free_port
+from tests.harness import PrivateEngine, async_wait_for, free_port, wait_for
 from tests.harness.receiver import Receiver
 from tests.relay_harness import relay_settings, running_relay
 from tests.scenarios import PRUNED_TYPES, engine_events, engine_time, prune_scenario
@@ -497,3 +498,85 @@ def test_console_format_and_level(engine: PrivateEngine, tmp_path: Path) -> None
         assert not line.startswith("{")
     warning = asyncio.run(run("WARNING"))
     assert "INFO" not in warning
+
+
+# -- the container image -----------------------------------------------------------------------
+
+IMAGE = "docker-event-relay:test"
+BUILD_IMAGE = os.environ.get("RELAY_TEST_IMAGE") == "1"
+
+
+@pytest.mark.skipif(
+    not BUILD_IMAGE,
+    reason="builds the image from a debootstrapped base (about 15 min on vfs); "
+    "RELAY_TEST_IMAGE=1 runs it",
+)
+def test_container_image_relays_events_from_the_mounted_socket(
+    engine: PrivateEngine, tmp_path: Path
+) -> None:
+    """The image as a user runs it: socket mounted read-only, the socket's group added,
+    read-only root, unprivileged; events on stdout, healthy, SIGTERM ends it cleanly."""
+    build = subprocess.run(
+        [str(REPO / "scripts" / "build-image.sh"), IMAGE],
+        env=engine.env(),
+        capture_output=True,
+        text=True,
+        timeout=3600,
+    )
+    assert build.returncode == 0, build.stderr[-3000:]
+    sock = engine.socket_path
+    name = f"relay-{uuid.uuid4().hex[:8]}"
+    engine.cli(
+        "run",
+        "--detach",
+        "--name",
+        name,
+        "--network",
+        "none",
+        "--read-only",
+        "--cap-drop",
+        "ALL",
+        "--security-opt",
+        "no-new-privileges",
+        "--volume",
+        f"{sock}:/var/run/docker.sock:ro",
+        "--group-add",
+        str(sock.stat().st_gid),
+        "--health-interval",
+        "1s",
+        "--health-start-period",
+        "1s",
+        IMAGE,
+    )
+    try:
+        wait_for(
+            lambda: "connected" in engine.cli("logs", name).stderr,
+            60,
+            message="the relay connected to the engine",
+        )
+        volume = f"ops-{uuid.uuid4().hex[:8]}"
+        engine.cli("volume", "create", volume)
+
+        def relayed() -> list[dict[str, Any]]:
+            out = engine.cli("logs", name).stdout
+            return [e for e in map(json.loads, out.splitlines()) if e["subject"] == volume]
+
+        (event,) = wait_for(relayed, 30, message="the event on the container's stdout")
+        assert event["type"].endswith("volume.create")
+        wait_for(
+            lambda: (
+                engine.cli("inspect", "--format", "{{.State.Health.Status}}", name).stdout.strip()
+                == "healthy"
+            ),
+            60,
+            message="HEALTHCHECK healthy",
+        )
+        top = engine.cli("top", name, "-o", "pid,user,args").stdout.splitlines()[1:]
+        assert len(top) == 1 and "docker-event-relay run" in top[0]  # the relay alone, PID 1
+        assert engine.cli("exec", name, "id", "-u").stdout.strip() == "10001"
+        engine.cli("stop", "--time", "20", name)
+        state = engine.cli("inspect", "--format", "{{.State.ExitCode}}", name).stdout.strip()
+        assert state == "0"
+        assert "stopped; checkpoint at timeNano" in engine.cli("logs", name).stderr
+    finally:
+        engine.cli("rm", "--force", name, check=False)

@@ -1,0 +1,110 @@
+"""Templates over event fields (Kafka topics and keys, MQTT topics): `str.format`-style
+placeholders, checked once at configuration time and rendered fast."""
+
+from __future__ import annotations
+
+import string
+from collections.abc import Callable, Mapping
+from typing import Final
+
+from relay.schema import Event
+
+EVENT_FIELDS: Final = frozenset(
+    {
+        "type",
+        "action",
+        "scope",
+        "actor_id",
+        "actor_name",
+        "engine_id",
+        "engine_name",
+        "node_name",
+        "id",
+        "source",
+        "subject",
+    }
+)
+
+
+def event_fields(event: Event, fields: frozenset[str] = EVENT_FIELDS) -> dict[str, str]:
+    """The template values of one event; absent values (no actor name...) are ""."""
+    ce = event.ce
+    data = ce.data
+    values = {
+        "type": data.type,
+        "action": data.action,
+        "scope": data.scope,
+        "actor_id": data.actor.id,
+        "actor_name": data.actor.name or "",
+        "engine_id": data.engine.id,
+        "engine_name": data.engine.name,
+        "node_name": data.engine.node_name or "",
+        "id": ce.id,
+        "source": ce.source,
+        "subject": ce.subject or "",
+    }
+    return values if fields is EVENT_FIELDS else {f: values[f] for f in fields}
+
+
+class Template:
+    """Only plain `{field}` placeholders from `allowed`: no attribute access, indexing,
+    conversion or format spec, so rendering cannot fail or reach into objects at run time.
+    `escape` turns each value into what the destination accepts (an MQTT topic level...)."""
+
+    __slots__ = ("_escape", "_parts", "fields", "source")
+
+    def __init__(
+        self,
+        source: str,
+        *,
+        allowed: frozenset[str] = EVENT_FIELDS,
+        escape: Callable[[str], str] | None = None,
+    ) -> None:
+        self.source = source
+        self._escape = escape
+        known = ", ".join("{" + f + "}" for f in sorted(allowed))
+        try:
+            parsed = list(string.Formatter().parse(source))
+        except ValueError as exc:
+            raise ValueError(f"malformed template {source!r}: {exc}") from exc
+        parts: list[tuple[str, str | None]] = []
+        for literal, field, spec, conversion in parsed:
+            if field is None:
+                parts.append((literal, None))
+                continue
+            if field == "" or field.isdigit():
+                raise ValueError(
+                    f"template {source!r}: positional placeholder {{{field}}}; name one of "
+                    f"{known}"
+                )
+            if field not in allowed:
+                raise ValueError(
+                    f"template {source!r}: unknown field {{{field}}}; known: {known}"
+                )
+            if spec or conversion:
+                raise ValueError(
+                    f"template {source!r}: {{{field}}} takes no format spec or conversion"
+                )
+            parts.append((literal, field))
+        self._parts = tuple(parts)
+        self.fields = frozenset(f for _, f in parts if f is not None)
+
+    @property
+    def literal_text(self) -> str:
+        return "".join(literal for literal, _ in self._parts)
+
+    def render_values(self, values: Mapping[str, str]) -> str:
+        escape = self._escape
+        out: list[str] = []
+        for literal, field in self._parts:
+            out.append(literal)
+            if field is not None:
+                value = values[field]
+                out.append(escape(value) if escape is not None else value)
+        return "".join(out)
+
+    def render(self, event: Event) -> str:
+        return self.render_values(event_fields(event, self.fields))
+
+    def __repr__(self) -> str:
+        return f"Template({self.source!r})"
