@@ -199,8 +199,9 @@ def main() -> None:
                 sent = float(gen.stdout.read().strip() or 0)  # type: ignore[union-attr]
                 for sink in ("kafka", "mqtt", "webhook"):
                     wait_for(
-                        lambda s=sink: metric(relay.port, "relay_events_delivered_total", sink=s)
-                        >= sent, 120, message=f"{sink} delivered all",
+                        lambda s=sink, port=relay.port, n=sent: metric(
+                            port, "relay_events_delivered_total", sink=s) >= n,
+                        120, message=f"{sink} delivered all",
                     )
                 relay.stop()
                 print(f"run {run + 1}/{args.runs} done", file=sys.stderr)

@@ -104,6 +104,9 @@ class Relay:
         s = self.settings
         names = ", ".join(f"{w.name}({type(w.sink).__name__})" for w in self.workers)
         log.info("starting: engine %s, sinks: %s", engine_address(s), names)
+        if self.http is not None:
+            # First, so /healthz answers while the sinks connect.
+            await self.http.start()
         async with asyncio.TaskGroup() as tg:
             worker_tasks = [tg.create_task(w.run(), name=f"sink:{w.name}") for w in self.workers]
             # Sinks first: give them a bounded time to connect; one that cannot keeps trying
@@ -120,8 +123,6 @@ class Relay:
                         w.name,
                         w.last_error,
                     )
-            if self.http is not None:
-                await self.http.start()
             flusher = tg.create_task(
                 flush_forever(self.tracker, self.store, s.checkpoint_interval), name="checkpoint"
             )

@@ -15,7 +15,8 @@ from relay.schema import Event
 
 log = logging.getLogger("relay.deadletter")
 
-Reason = Literal["permanent", "retries_exhausted", "overflow", "sink_stopped", "malformed"]
+SinkReason = Literal["permanent", "retries_exhausted", "overflow", "sink_stopped"]
+Reason = SinkReason | Literal["malformed"]
 
 
 class _Record(msgspec.Struct, omit_defaults=True):

@@ -266,22 +266,19 @@ class Dispatcher:
 
     async def run(self) -> None:
         while True:
-            item = await self.queue.get()
-            if isinstance(item, Connected):
-                self.normalizer = item.normalizer
-                self._check_gap_since = item.boundary
-            else:
-                self.dispatch(item)
+            self._handle(await self.queue.get())
 
     def drain_nowait(self) -> None:
         """Dispatch whatever the reader already queued (shutdown)."""
         while not self.queue.empty():
-            item = self.queue.get_nowait()
-            if isinstance(item, Connected):
-                self.normalizer = item.normalizer
-                self._check_gap_since = item.boundary
-            else:
-                self.dispatch(item)
+            self._handle(self.queue.get_nowait())
+
+    def _handle(self, item: QueueItem) -> None:
+        if isinstance(item, Connected):
+            self.normalizer = item.normalizer
+            self._check_gap_since = item.boundary
+        else:
+            self.dispatch(item)
 
     def dispatch(self, lines: list[bytes]) -> None:
         normalizer = self.normalizer

@@ -13,9 +13,9 @@ import logging
 import time
 from collections import deque
 from collections.abc import Callable
-from typing import Literal
+from typing import Literal, get_args
 
-from relay.deadletter import DeadLetter, Reason
+from relay.deadletter import DeadLetter, Reason, SinkReason
 from relay.errors import (
     PartialDeliveryError,
     PermanentSinkError,
@@ -117,6 +117,12 @@ class SinkWorker:
         self._up = metrics.sink_up.labels(self.name)
         metrics.sink_stopped.labels(self.name).set(0)
         self._up.set(0)
+        # Every series of this sink exists from the start, at 0: an alert on increase() sees
+        # the first dead letter, not only the second.
+        self._retried = metrics.events_retried.labels(self.name)
+        metrics.events_dropped.labels(self.name)
+        for reason in get_args(SinkReason):
+            metrics.events_dead_lettered.labels(self.name, reason)
 
     # -- producer side -------------------------------------------------------------------
 
@@ -187,7 +193,7 @@ class SinkWorker:
                 await asyncio.sleep(self.policy.wait_for(first, attempt=1))
                 async for attempt in self.policy.attempts(done=1):
                     with attempt:
-                        self.metrics.events_retried.labels(self.name).inc(len(pending))
+                        self._retried.inc(len(pending))
                         pending = await self._attempt(pending)
         except SinkStoppedError as exc:
             # This batch first, then what queued behind it: the file keeps engine order.

@@ -17,7 +17,7 @@
 # engines run side by side without sharing anything but the kernel.
 #
 # Environment: ENGINE_START_TIMEOUT (s, default 60), ENGINE_STOP_TIMEOUT (s, default 30),
-# DOCKER_CLI (client binary override).
+# DOCKER_CLI (client binary override), ENGINE_EXTRA_ARGS (more dockerd flags, for `run`).
 set -euo pipefail
 
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -74,7 +74,9 @@ cmd_run() {
     # (for forky: containerd 2.1 from the cache, bookworm's runc; see scripts/setup.sh).
     PATH="$(dirname "$dockerd"):/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
     export PATH
-    exec "$dockerd" \
+    # ENGINE_EXTRA_ARGS: more dockerd flags, e.g. a TLS-protected tcp:// listener for tests.
+    # shellcheck disable=SC2086 # word splitting intended: one flag per word
+    exec "$dockerd" ${ENGINE_EXTRA_ARGS:-} \
         --host "unix://$dir/docker.sock" \
         --data-root "$dir/root" \
         --exec-root "$dir/exec" \

@@ -77,8 +77,15 @@ class PrivateEngine:
     survive a restart like they do on a real host.
     """
 
-    def __init__(self, name: str, dockerd_path: Path | str, workdir: Path | str) -> None:
+    def __init__(
+        self,
+        name: str,
+        dockerd_path: Path | str,
+        workdir: Path | str,
+        extra_args: Sequence[str] = (),
+    ) -> None:
         self.name = name
+        self.extra_args = list(extra_args)
         self.dockerd_path = Path(dockerd_path)
         self.workdir = Path(workdir).resolve()
         socket_len = len(str(self.workdir / _LONGEST_SOCKET).encode())
@@ -130,6 +137,7 @@ class PrivateEngine:
             # that is running; the fixture teardown stops it in order instead.
             self._proc = subprocess.Popen(
                 [str(ENGINE_SH), "run", str(self.workdir), str(self.dockerd_path)],
+                env={**os.environ, "ENGINE_EXTRA_ARGS": " ".join(self.extra_args)},
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=subprocess.STDOUT,
