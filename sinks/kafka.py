@@ -37,7 +37,7 @@ from relay.errors import (
     SinkError,
 )
 from relay.template import Template
-from sinks.base import Sink, SinkConfigBase, SinkContext, read_secret_file
+from sinks.base import Sink, SinkConfigBase, SinkContext, TlsSettings, resolve_secret_files
 
 if TYPE_CHECKING:
     from aiokafka import AIOKafkaProducer
@@ -65,70 +65,19 @@ def topic_problem(topic: str) -> str | None:
 STRUCTURED_CONTENT_TYPE: Final = b"application/cloudevents+json; charset=UTF-8"
 
 
-class KafkaTlsSettings(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    enabled: bool = Field(default=False, description="Connect with TLS (SSL / SASL_SSL).")
-    ca_file: Path | None = Field(
-        default=None, description="PEM bundle of CAs to trust; default: the system store."
-    )
-    cert_file: Path | None = Field(default=None, description="Client certificate (PEM), mTLS.")
-    key_file: Path | None = Field(default=None, description="Client private key (PEM), mTLS.")
-    key_password: SecretStr | None = Field(default=None, description="Password of key_file.")
-    key_password_file: Path | None = Field(
-        default=None, description="File holding key_password (a mounted secret)."
-    )
-    verify: bool = Field(
-        default=True,
-        description="Verify the broker's certificate and host name. Off only for tests.",
-    )
-
-    @model_validator(mode="after")
-    def _check(self) -> KafkaTlsSettings:
-        if self.key_password_file is not None:
-            if self.key_password is not None:
-                raise ValueError("key_password and key_password_file: set only one")
-            self.key_password = read_secret_file(self.key_password_file, "key_password_file")
-        if (self.cert_file is None) != (self.key_file is None):
-            raise ValueError("cert_file and key_file go together (client certificate and key)")
-        for name in ("ca_file", "cert_file", "key_file"):
-            path: Path | None = getattr(self, name)
-            if path is not None and not path.is_file():
-                raise ValueError(f"{name}: no such file: {path}")
-        return self
-
-    def ssl_context(self) -> ssl.SSLContext:
-        ctx = ssl.create_default_context(
-            ssl.Purpose.SERVER_AUTH, cafile=str(self.ca_file) if self.ca_file else None
-        )
-        if not self.verify:
-            ctx.check_hostname = False
-            ctx.verify_mode = ssl.CERT_NONE
-        if self.cert_file is not None and self.key_file is not None:
-            ctx.load_cert_chain(
-                str(self.cert_file),
-                str(self.key_file),
-                password=self.key_password.get_secret_value() if self.key_password else None,
-            )
-        return ctx
-
-
 class KafkaSaslSettings(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] = "PLAIN"
     username: str = Field(min_length=1)
-    password: SecretStr | None = None
+    password: SecretStr | None = Field(default=None, description="SASL password.")
     password_file: Path | None = Field(
         default=None, description="File holding the password (a mounted secret)."
     )
 
     @model_validator(mode="after")
     def _password(self) -> KafkaSaslSettings:
-        if self.password_file is not None:
-            if self.password is not None:
-                raise ValueError("password and password_file: set only one")
-            self.password = read_secret_file(self.password_file, "password_file")
+        resolve_secret_files(self, ("password", "password_file"))
         if self.password is None:
             raise ValueError("password or password_file is required")
         return self
@@ -171,7 +120,10 @@ class KafkaSinkConfig(SinkConfigBase):
     client_id: str | None = Field(
         default=None, description="Client id; default docker-event-relay-<relay id>."
     )
-    tls: KafkaTlsSettings = Field(default_factory=KafkaTlsSettings)
+    tls: TlsSettings | None = Field(
+        default=None,
+        description="Connect with TLS (SSL / SASL_SSL); `tls: {}` trusts the system CAs.",
+    )
     sasl: KafkaSaslSettings | None = None
     max_batch: int = Field(default=500, ge=1, description="Events handed to one send call.")
 
@@ -235,11 +187,12 @@ class KafkaSinkConfig(SinkConfigBase):
     @property
     def security_protocol(self) -> str:
         if self.sasl is not None:
-            return "SASL_SSL" if self.tls.enabled else "SASL_PLAINTEXT"
-        return "SSL" if self.tls.enabled else "PLAINTEXT"
+            return "SASL_SSL" if self.tls is not None else "SASL_PLAINTEXT"
+        return "SSL" if self.tls is not None else "PLAINTEXT"
 
     def producer_options(self, relay_id: str) -> dict[str, Any]:
-        """Keyword arguments for AIOKafkaProducer (holds the secret: never log this)."""
+        """Keyword arguments for AIOKafkaProducer (holds the secret: never log this).
+        RetryableSinkError when a TLS file no longer loads."""
         options: dict[str, Any] = {
             "bootstrap_servers": list(self.bootstrap_servers),
             "client_id": self.client_id or f"docker-event-relay-{relay_id}",
@@ -252,8 +205,8 @@ class KafkaSinkConfig(SinkConfigBase):
             "request_timeout_ms": int(self.request_timeout * 1000),
             "security_protocol": self.security_protocol,
         }
-        if self.tls.enabled:
-            options["ssl_context"] = self.tls.ssl_context()
+        if self.tls is not None:
+            options["ssl_context"] = self.tls.sink_ssl_context(self.sink_name)
         if self.sasl is not None:
             assert self.sasl.password is not None  # the validator guarantees it
             options["sasl_mechanism"] = self.sasl.mechanism
@@ -293,6 +246,7 @@ class KafkaSink(Sink):
             "security_protocol": c.security_protocol,
             "sasl_mechanism": c.sasl.mechanism if c.sasl else None,
             "sasl_username": c.sasl.username if c.sasl else None,
+            "tls": c.tls.describe() if c.tls else None,
         }
 
     async def start(self) -> None:
@@ -450,7 +404,8 @@ class KafkaSink(Sink):
     async def _diagnose(self) -> str | None:
         """Why the bootstrap failed, which aiokafka only logs: a refused port, a TLS handshake
         that fails (wrong CA, plaintext peer)..."""
-        ctx = self.config.tls.ssl_context() if self.config.tls.enabled else None
+        tls = self.config.tls
+        ctx = tls.sink_ssl_context(self.name) if tls is not None else None
         for server in self.config.bootstrap_servers:
             host, _, port = server.rpartition(":")
             try:

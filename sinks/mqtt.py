@@ -30,7 +30,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic import Field, SecretStr, ValidationInfo, field_validator, model_validator
 
 from relay.errors import (
     PartialDeliveryError,
@@ -39,7 +39,7 @@ from relay.errors import (
     SinkError,
 )
 from relay.template import EVENT_FIELDS, Template
-from sinks.base import Sink, SinkConfigBase, SinkContext, read_secret_file
+from sinks.base import Sink, SinkConfigBase, SinkContext, TlsSettings, resolve_secret_files
 
 if TYPE_CHECKING:
     import paho.mqtt.client as mqtt
@@ -134,13 +134,9 @@ class MqttSinkConfig(SinkConfigBase):
     max_inflight: int = Field(
         default=100, ge=1, le=65535, description="QoS 1/2 messages unacknowledged at once."
     )
-    tls: bool = Field(default=False, description="Use TLS; implied by any tls_*_file setting.")
-    tls_ca_file: Path | None = Field(default=None, description="CA bundle (PEM) for the broker.")
-    tls_cert_file: Path | None = Field(default=None, description="Client certificate (PEM).")
-    tls_key_file: Path | None = Field(default=None, description="Client private key (PEM).")
-    tls_verify: bool = Field(
-        default=True,
-        description="Verify the broker's certificate and host name. Off only for tests.",
+    tls: TlsSettings | None = Field(
+        default=None,
+        description="Connect with TLS (default port 8883); `tls: {}` trusts the system CAs.",
     )
     username: str | None = Field(default=None, description="MQTT user name.")
     password: SecretStr | None = Field(default=None, description="MQTT password.")
@@ -157,20 +153,15 @@ class MqttSinkConfig(SinkConfigBase):
             str(value) if isinstance(value, int | float) and not isinstance(value, bool) else value
         )
 
-    @field_validator("topic")
+    @field_validator("topic", "status_topic")
     @classmethod
-    def _valid_topic(cls, value: str) -> str:
-        _template(value, EVENT_FIELDS, "topic")
-        _check_topic_literal(value, "topic")
-        return value
-
-    @field_validator("status_topic")
-    @classmethod
-    def _valid_status_topic(cls, value: str | None) -> str | None:
-        if not value:
+    def _valid_topic(cls, value: str | None, info: ValidationInfo) -> str | None:
+        if info.field_name == "status_topic" and not value:
             return None
-        _template(value, _RELAY_FIELDS, "status_topic")
-        _check_topic_literal(value, "status_topic")
+        assert value is not None and info.field_name is not None
+        allowed = EVENT_FIELDS if info.field_name == "topic" else _RELAY_FIELDS
+        _template(value, allowed, info.field_name)
+        _check_topic_literal(value, info.field_name)
         return value
 
     @field_validator("client_id")
@@ -182,13 +173,6 @@ class MqttSinkConfig(SinkConfigBase):
                 raise ValueError("client_id: must not be empty (a persistent session needs one)")
         return value
 
-    @field_validator("tls_ca_file", "tls_cert_file", "tls_key_file")
-    @classmethod
-    def _readable(cls, value: Path | None, info: Any) -> Path | None:
-        if value is not None and not value.is_file():
-            raise ValueError(f"{info.field_name}: no such file: {value}")
-        return value
-
     @model_validator(mode="after")
     def _consistent(self) -> MqttSinkConfig:
         if self.protocol == "3.1.1" and self.mode == "binary":
@@ -196,14 +180,7 @@ class MqttSinkConfig(SinkConfigBase):
                 "mode: binary mode needs MQTT 5 (3.1.1 has no user properties); "
                 "use mode: structured or protocol: 5"
             )
-        if self.tls_key_file is not None and self.tls_cert_file is None:
-            raise ValueError("tls_key_file: set tls_cert_file too")
-        if self.tls_ca_file or self.tls_cert_file:
-            self.tls = True
-        if self.password is not None and self.password_file is not None:
-            raise ValueError("password_file: set either password or password_file, not both")
-        if self.password_file is not None:
-            self.password = read_secret_file(self.password_file, "password_file")
+        resolve_secret_files(self, ("password", "password_file"))
         if self.password is not None and self.username is None:
             raise ValueError("username: a password needs a username")
         return self
@@ -216,7 +193,7 @@ class MqttSinkConfig(SinkConfigBase):
 
     @property
     def effective_port(self) -> int:
-        return self.port or (8883 if self.tls else 1883)
+        return self.port or (8883 if self.tls is not None else 1883)
 
     def build(self, context: SinkContext) -> Sink:
         return MqttSink(self, context)
@@ -280,7 +257,7 @@ class MqttSink(Sink):
             "retain": c.retain,
             "client_id": self.client_id,
             "status_topic": self.status_topic,
-            "tls": c.tls,
+            "tls": c.tls.describe() if c.tls is not None else None,
             "username": c.username,
         }
 
@@ -393,19 +370,9 @@ class MqttSink(Sink):
             client.username_pw_set(
                 c.username, c.password.get_secret_value() if c.password is not None else None
             )
-        if c.tls:
-            context = ssl.create_default_context(
-                cafile=str(c.tls_ca_file) if c.tls_ca_file else None
-            )
-            if c.tls_cert_file is not None:
-                context.load_cert_chain(
-                    str(c.tls_cert_file), str(c.tls_key_file) if c.tls_key_file else None
-                )
-            if not c.tls_verify:
-                context.check_hostname = False
-                context.verify_mode = ssl.CERT_NONE
-            client.tls_set_context(context)
-            client.tls_insecure_set(not c.tls_verify)
+        if c.tls is not None:
+            client.tls_set_context(c.tls.sink_ssl_context(self.name))
+            client.tls_insecure_set(not c.tls.verify)
         if self.status_topic is not None:
             client.will_set(self.status_topic, b"offline", qos=1, retain=True)
         connect_properties: Properties | None = None

@@ -27,15 +27,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 from urllib.parse import urlsplit
 
-from pydantic import (
-    AnyHttpUrl,
-    BaseModel,
-    ConfigDict,
-    Field,
-    SecretStr,
-    field_validator,
-    model_validator,
-)
+from pydantic import AnyHttpUrl, Field, SecretStr, field_validator, model_validator
 
 from relay.errors import (
     PartialDeliveryError,
@@ -44,7 +36,7 @@ from relay.errors import (
     SinkError,
     SinkStoppedError,
 )
-from sinks.base import Sink, SinkConfigBase, SinkContext, read_secret_file
+from sinks.base import Sink, SinkConfigBase, SinkContext, TlsSettings, resolve_secret_files
 
 if TYPE_CHECKING:
     import aiohttp
@@ -63,64 +55,6 @@ _RESPONSE_READ_MAX = 64 * 1024
 _TOKEN = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
 # Headers the sink writes itself; an extra header must not silently replace them.
 _RESERVED_HEADERS = frozenset({"content-type", "content-length", "host", "transfer-encoding"})
-
-
-class WebhookTls(BaseModel):
-    """TLS for `https://` URLs: a custom CA and a client certificate (mTLS)."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    ca_file: Path | None = Field(
-        default=None, description="PEM bundle of CAs to trust instead of the system's."
-    )
-    cert_file: Path | None = Field(default=None, description="Client certificate (PEM), for mTLS.")
-    key_file: Path | None = Field(
-        default=None, description="Client private key (PEM); default: in cert_file."
-    )
-    key_password: SecretStr | None = Field(default=None, description="Passphrase of key_file.")
-    key_password_file: Path | None = Field(
-        default=None, description="File holding the passphrase of key_file."
-    )
-    verify: bool = Field(
-        default=True, description="Verify the server certificate and host name. Keep it on."
-    )
-
-    @model_validator(mode="after")
-    def _check(self) -> WebhookTls:
-        if self.key_password_file is not None:
-            if self.key_password is not None:
-                raise ValueError("key_password and key_password_file: set only one")
-            self.key_password = read_secret_file(self.key_password_file, "key_password_file")
-            self.key_password_file = None
-        if self.key_file is not None and self.cert_file is None:
-            raise ValueError("key_file: set cert_file too")
-        # Build it once now so a missing or malformed PEM is a config error, not a retry loop.
-        self.ssl_context()
-        return self
-
-    def ssl_context(self) -> ssl.SSLContext:
-        try:
-            ctx = ssl.create_default_context(
-                cafile=str(self.ca_file) if self.ca_file is not None else None
-            )
-        except (OSError, ssl.SSLError) as exc:
-            raise ValueError(f"ca_file: cannot load {self.ca_file}: {exc}") from exc
-        if not self.verify:
-            ctx.check_hostname = False
-            ctx.verify_mode = ssl.CERT_NONE
-        if self.cert_file is not None:
-            password = self.key_password.get_secret_value() if self.key_password else None
-            try:
-                ctx.load_cert_chain(
-                    str(self.cert_file),
-                    str(self.key_file) if self.key_file is not None else None,
-                    password=password,
-                )
-            except (OSError, ssl.SSLError) as exc:
-                raise ValueError(
-                    f"cert_file/key_file: cannot load {self.cert_file}: {exc}"
-                ) from exc
-        return ctx
 
 
 class WebhookSinkConfig(SinkConfigBase):
@@ -170,7 +104,9 @@ class WebhookSinkConfig(SinkConfigBase):
         description="Header carrying `t=<unix seconds>,v1=<hex HMAC-SHA256 of "
         "'<t>.' + body>` when secret is set.",
     )
-    tls: WebhookTls | None = Field(default=None, description="CA and client certificate.")
+    tls: TlsSettings | None = Field(
+        default=None, description="TLS of https:// URLs: CA and client certificate (mTLS)."
+    )
 
     @field_validator("url")
     @classmethod
@@ -201,14 +137,7 @@ class WebhookSinkConfig(SinkConfigBase):
 
     @model_validator(mode="after")
     def _resolve(self) -> WebhookSinkConfig:
-        for field, file_field in (("bearer_token", "bearer_token_file"), ("secret", "secret_file")):
-            path: Path | None = getattr(self, file_field)
-            if path is None:
-                continue
-            if getattr(self, field) is not None:
-                raise ValueError(f"{field} and {file_field}: set only one")
-            setattr(self, field, read_secret_file(path, file_field))
-            setattr(self, file_field, None)
+        resolve_secret_files(self, ("bearer_token", "bearer_token_file"), ("secret", "secret_file"))
         if self.secret is not None and not self.secret.get_secret_value():
             raise ValueError("secret: empty")
         lower = {name.lower() for name in self.headers}
@@ -369,13 +298,7 @@ class WebhookSink(Sink):
             "headers": sorted(c.headers),
             "bearer_token": c.bearer_token is not None,
             "signed": c.secret is not None,
-            "tls": None
-            if c.tls is None
-            else {
-                "ca_file": str(c.tls.ca_file) if c.tls.ca_file else None,
-                "client_cert": c.tls.cert_file is not None,
-                "verify": c.tls.verify,
-            },
+            "tls": c.tls.describe() if c.tls is not None else None,
         }
 
     async def start(self) -> None:
@@ -387,10 +310,7 @@ class WebhookSink(Sink):
 
         ssl_arg: ssl.SSLContext | bool = True
         if self.config.tls is not None:
-            try:
-                ssl_arg = self.config.tls.ssl_context()
-            except ValueError as exc:  # a file changed since the config was checked
-                raise RetryableSinkError(f"tls: {exc}", sink=self.name) from exc
+            ssl_arg = self.config.tls.sink_ssl_context(self.name)
         connector = aiohttp.TCPConnector(limit=self.config.concurrency, ssl=ssl_arg)
         self._session = aiohttp.ClientSession(
             connector=connector,

@@ -17,6 +17,7 @@ from typing import Any
 
 from relay.app import Relay
 from relay.router import RouteFilter
+from relay.schema import Event
 from relay.settings import Settings
 from sinks.base import Sink
 
@@ -42,6 +43,34 @@ def relay_settings(docker_host: str, state_dir: Path, **overrides: Any) -> Setti
     settings = Settings(**values)
     settings.check()
     return settings
+
+
+class Recorder(Sink):
+    """A sink that keeps every event the relay routed to it: what the relay read from the
+    engine, to compare a real sink's output with."""
+
+    def __init__(self, name: str = "recorder") -> None:
+        super().__init__(name)
+        self.events: list[Event] = []
+
+    async def start(self) -> None:
+        pass
+
+    async def send(self, batch: Sequence[Event]) -> None:
+        self.events.extend(batch)
+
+    async def aclose(self) -> None:
+        pass
+
+
+@contextlib.asynccontextmanager
+async def started(sink: Sink) -> AsyncIterator[Sink]:
+    """The sink started, and closed on exit (also when the body raises)."""
+    await sink.start()
+    try:
+        yield sink
+    finally:
+        await sink.aclose()
 
 
 class RelayThread:

@@ -40,10 +40,11 @@ def engine_events(
 
 
 def prune_scenario(engine: PrivateEngine) -> dict[str, int]:
-    """The scenario of the engine's prune-events change: networks, volumes, containers that
-    write 5 MiB into themselves and into a volume, extra image tags; then
-    `docker system prune -af --volumes`. Returns reclaimed bytes per type as the engine itself
-    reported them in its prune events."""
+    """The scenario of the engine's prune-events change: networks, volumes, a container that
+    writes 5 MiB into itself and into a volume, an image committed from it (a 5 MiB layer),
+    extra image tags; then `docker system prune -af --volumes`, and busybox back. Returns
+    reclaimed bytes per type as the engine itself reported them in its prune events: container
+    and volume 5 MiB, image at least 5 MiB, network 0."""
     tag = uuid.uuid4().hex[:8]
     ensure_busybox(engine)
     since = engine_time(engine)
@@ -64,6 +65,7 @@ def prune_scenario(engine: PrivateEngine) -> dict[str, int]:
         "dd if=/dev/zero of=/data/f bs=1M count=5 2>/dev/null && "
         "dd if=/dev/zero of=/f bs=1M count=5 2>/dev/null",
     )
+    engine.cli("commit", f"writer-{tag}", f"relay-test/layer-{tag}:1")
     engine.cli("tag", "busybox:latest", f"relay-test/extra-{tag}:1")
     engine.cli("tag", "busybox:latest", f"relay-test/extra-{tag}:2")
     engine.cli("system", "prune", "-af", "--volumes")

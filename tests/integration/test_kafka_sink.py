@@ -6,8 +6,6 @@ import asyncio
 import json
 import logging
 import ssl
-import subprocess
-import time
 import uuid
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -26,27 +24,37 @@ from sinks.kafka import STRUCTURED_CONTENT_TYPE, KafkaSink, KafkaSinkConfig
 from tests.contract import SinkContract, sample_events, structured
 from tests.harness import PrivateEngine, Tansu, async_wait_for, free_port
 from tests.harness.brokers import HOST, BrokerProcess
-from tests.relay_harness import relay_settings, running_relay
+from tests.harness.pki import Pki, pki_fixture
+from tests.relay_harness import Recorder, relay_settings, running_relay, started
+from tests.scenarios import PRUNED_TYPES, engine_events, engine_time, prune_scenario
 
 pytestmark = pytest.mark.integration
 
 LABEL = "com.example.kafka-test"
 
 
+def kafka_settings(bootstrap: str, **settings: Any) -> dict[str, Any]:
+    """A Kafka sink's settings for tansu, whose memory storage cannot do InitProducerId
+    (DESIGN.md section 5): no idempotent producer."""
+    return {"type": "kafka", "bootstrap_servers": bootstrap, "enable_idempotence": False,
+            **settings}
+
+
 def kafka_sink(bootstrap: str, **settings: Any) -> KafkaSink:
-    # tansu's memory storage cannot do InitProducerId (DESIGN.md section 5).
-    values: dict[str, Any] = {
-        "type": "kafka",
-        "bootstrap_servers": bootstrap,
-        "enable_idempotence": False,
-        "request_timeout": 5.0,
-        **settings,
-    }
+    values = kafka_settings(bootstrap, **{"request_timeout": 5.0, **settings})
     return KafkaSink(KafkaSinkConfig(**values), SinkContext("test"))
 
 
 def unique(prefix: str = "t") -> str:
     return f"{prefix}{uuid.uuid4().hex[:10]}"
+
+
+def labelled_container(
+    engine: PrivateEngine, verb: str, name: str, run: str, *labels: str
+) -> None:
+    """`docker create` or `run` of a busybox `true` named `name`, labelled for this test run."""
+    label_args = [arg for label in (f"{LABEL}={run}", *labels) for arg in ("--label", label)]
+    engine.cli(verb, "--name", name, *label_args, "--network", "none", "busybox:latest", "true")
 
 
 # -- reading back ---------------------------------------------------------------------------
@@ -170,23 +178,6 @@ class TestKafkaContractStructured(TestKafkaContract):
 # -- events from the real engine ------------------------------------------------------------
 
 
-def engine_events(engine: PrivateEngine, since: float, until: float, *filters: str) -> list[Any]:
-    """What the engine itself says it emitted (docker events --since --until)."""
-    args = [
-        "events",
-        "--since",
-        f"{since:.9f}",
-        "--until",
-        f"{until:.9f}",
-        "--format",
-        "{{json .}}",
-    ]
-    for f in filters:
-        args += ["--filter", f]
-    out = engine.cli(*args).stdout
-    return [json.loads(line) for line in out.splitlines() if line.strip()]
-
-
 def engine_id(engine: PrivateEngine) -> str:
     return engine.cli("info", "--format", "{{.ID}}").stdout.strip()
 
@@ -201,34 +192,22 @@ async def test_engine_events_follow_the_kafka_binding(
         engine.docker_host,
         tmp_path,
         sinks=[
-            {
-                "type": "kafka",
-                "name": "kafka-main",
-                "bootstrap_servers": tansu.bootstrap,
-                "enable_idempotence": False,
-                "topic": prefix + ".{type}",
-                "content_mode": mode,
-                "filter": {"labels": {LABEL: run}},
-            }
+            kafka_settings(
+                tansu.bootstrap,
+                name="kafka-main",
+                topic=prefix + ".{type}",
+                content_mode=mode,
+                filter={"labels": {LABEL: run}},
+            )
         ],
     )
     async with running_relay(settings):
-        since = time.time()
+        since = engine_time(engine)
         for n in range(3):
-            engine.cli(
-                "run",
-                "--name",
-                f"{run}-c{n}",
-                "--label",
-                f"{LABEL}={run}",
-                "--network",
-                "none",
-                "busybox:latest",
-                "true",
-            )
+            labelled_container(engine, "run", f"{run}-c{n}", run)
         for n in range(3):
             engine.cli("rm", f"{run}-c{n}")
-        until = time.time()
+        until = engine_time(engine)
         emitted = engine_events(engine, since, until, f"label={LABEL}={run}")
         # Labels travel on container (and image) events only: create/attach?/start/die/destroy.
         assert len(emitted) >= 3 * 4
@@ -277,80 +256,25 @@ async def test_engine_events_follow_the_kafka_binding(
 
 
 async def test_prune_events_arrive_with_reclaimed_bytes(
-    engine_fresh: PrivateEngine, tansu: Tansu, tmp_path: Path
+    engine: PrivateEngine, tansu: Tansu, tmp_path: Path
 ) -> None:
-    engine = engine_fresh
-    run = unique("p")
     topic = unique("prune")
     settings = relay_settings(
         engine.docker_host,
         tmp_path,
-        sinks=[
-            {
-                "type": "kafka",
-                "bootstrap_servers": tansu.bootstrap,
-                "enable_idempotence": False,
-                "topic": topic,
-                "filter": {"actions": ["prune"]},
-            }
-        ],
+        sinks=[kafka_settings(tansu.bootstrap, topic=topic, filter={"actions": ["prune"]})],
     )
     async with running_relay(settings):
-        since = time.time()
-        engine.cli("volume", "create", "--label", f"{LABEL}={run}", f"{run}-named")
-        dd = "dd if=/dev/zero of={} bs=1M count=5"
-        # Named volume (pruned on API 1.41), anonymous volume (pruned on every API), and the
-        # container's own layer: 5 MiB each.
-        engine.cli(
-            "run",
-            "--name",
-            f"{run}-c",
-            "--network",
-            "none",
-            "-v",
-            f"{run}-named:/named",
-            "-v",
-            "/data",
-            "busybox:latest",
-            "sh",
-            "-c",
-            " && ".join([dd.format("/named/f"), dd.format("/data/f"), dd.format("/f")]),
-        )
-        engine.cli("network", "create", "--internal", f"{run}-net")
-        engine.cli("tag", "busybox:latest", f"{run}-extra:tag")
-        engine.cli("system", "prune", "-af", "--volumes")
-        until = time.time()
-        emitted = engine_events(engine, since, until, "event=prune")
-        assert sorted(e["Type"] for e in emitted) == sorted(
-            ["container", "network", "volume", "image", "builder"]
-        )
-        records = await consume(tansu.bootstrap, [topic], lambda rs: len(rs) >= 5)
-    assert len(records) == 5
+        reported = prune_scenario(engine)
+        records = await consume(tansu.bootstrap, [topic], lambda rs: len(rs) >= len(reported))
+    assert len(records) == len(PRUNED_TYPES)
     got = {r.structured["data"]["type"]: r.structured["data"] for r in records}
-    want = {e["Type"]: int(e["Actor"]["Attributes"]["reclaimed"]) for e in emitted}
-    assert {t: d["reclaimed_bytes"] for t, d in got.items()} == want
+    assert {t: d["reclaimed_bytes"] for t, d in got.items()} == reported
     assert all(d["action"] == "prune" for d in got.values())
     five_mib = 5 * 1024 * 1024
-    assert want["container"] >= five_mib
-    assert want["volume"] >= five_mib
-    assert want["network"] == 0
-
-
-class Recorder(Sink):
-    """Sees every event the relay routed, to know what the relay read from the engine."""
-
-    def __init__(self) -> None:
-        super().__init__("recorder")
-        self.events: list[Event] = []
-
-    async def start(self) -> None:
-        pass
-
-    async def send(self, batch: Sequence[Event]) -> None:
-        self.events.extend(batch)
-
-    async def aclose(self) -> None:
-        pass
+    assert reported["container"] >= five_mib
+    assert reported["volume"] >= five_mib
+    assert reported["network"] == 0
 
 
 async def test_broker_down_then_back_loses_nothing(
@@ -366,21 +290,11 @@ async def test_broker_down_then_back_loses_nothing(
         settings, sinks=[(sink, label_filter), (recorder, label_filter)]
     ) as relay:
         worker = relay.workers[0]
-        since = time.time()
+        since = engine_time(engine)
 
         def containers(tag: str, n: int) -> None:
             for i in range(n):
-                engine.cli(
-                    "create",
-                    "--name",
-                    f"{run}-{tag}{i}",
-                    "--label",
-                    f"{LABEL}={run}",
-                    "--network",
-                    "none",
-                    "busybox:latest",
-                    "true",
-                )
+                labelled_container(engine, "create", f"{run}-{tag}{i}", run)
 
         containers("a", 3)
         await async_wait_for(lambda: len(recorder.events) == 3, 20, message="phase a read")
@@ -405,7 +319,7 @@ async def test_broker_down_then_back_loses_nothing(
     names = {r.structured["data"]["actor"]["name"] for r in records}
     assert names == {f"{run}-{t}{i}" for t, k in (("b", 20), ("c", 5)) for i in range(k)}
     # Against the engine's own record: 28 creations; the 25 after the stop are all in the topic.
-    emitted = engine_events(engine, since, time.time(), f"label={LABEL}={run}")
+    emitted = engine_events(engine, since, engine_time(engine), f"label={LABEL}={run}")
     assert [e["Action"] for e in emitted] == ["create"] * 28
     assert {e["Actor"]["Attributes"]["name"] for e in emitted[3:]} == names
 
@@ -427,12 +341,9 @@ async def test_record_too_large_fails_alone_and_is_dead_lettered(
     events = sample_events(3)
     batch = [events[0], _big_event(events[1], 4096), events[2]]
     sink = kafka_sink(tansu.bootstrap, topic=topic, max_request_size=2048, key="one")
-    await sink.start()
-    try:
+    async with started(sink):
         with pytest.raises(PartialDeliveryError) as info:
             await sink.send(batch)
-    finally:
-        await sink.aclose()
     assert list(info.value.failures) == [1]
     error = info.value.failures[1]
     assert isinstance(error, PermanentSinkError)
@@ -450,41 +361,17 @@ async def test_record_too_large_from_the_engine_goes_to_the_dead_letter_file(
         engine.docker_host,
         tmp_path,
         sinks=[
-            {
-                "type": "kafka",
-                "bootstrap_servers": tansu.bootstrap,
-                "enable_idempotence": False,
-                "topic": topic,
-                "max_request_size": 4096,
-                "filter": {"labels": {LABEL: run}},
-            }
+            kafka_settings(
+                tansu.bootstrap,
+                topic=topic,
+                max_request_size=4096,
+                filter={"labels": {LABEL: run}},
+            )
         ],
     )
     async with running_relay(settings) as relay:
-        engine.cli(
-            "create",
-            "--name",
-            f"{run}-big",
-            "--label",
-            f"{LABEL}={run}",
-            "--label",
-            "blob=" + "y" * 6000,
-            "--network",
-            "none",
-            "busybox:latest",
-            "true",
-        )
-        engine.cli(
-            "create",
-            "--name",
-            f"{run}-small",
-            "--label",
-            f"{LABEL}={run}",
-            "--network",
-            "none",
-            "busybox:latest",
-            "true",
-        )
+        labelled_container(engine, "create", f"{run}-big", run, "blob=" + "y" * 6000)
+        labelled_container(engine, "create", f"{run}-small", run)
         await async_wait_for(lambda: relay.dead_letter.count == 1, 20, message="dead-lettered")
         records = await consume(tansu.bootstrap, [topic], lambda rs: len(rs) >= 1)
     assert [r.structured["data"]["actor"]["name"] for r in records] == [f"{run}-small"]
@@ -506,30 +393,18 @@ async def test_unreachable_bootstrap_is_retried_with_a_log_line_naming_the_sink(
         tmp_path,
         startup_timeout=0.5,
         sinks=[
-            {
-                "type": "kafka",
-                "name": "kafka-nowhere",
-                "bootstrap_servers": address,
-                "enable_idempotence": False,
-                "request_timeout": 1.0,
-                "filter": {"labels": {LABEL: run}},
-            }
+            kafka_settings(
+                address,
+                name="kafka-nowhere",
+                request_timeout=1.0,
+                filter={"labels": {LABEL: run}},
+            )
         ],
     )
     caplog.set_level(logging.WARNING, logger="relay")
     async with running_relay(settings) as relay:
         worker = relay.workers[0]
-        engine.cli(
-            "create",
-            "--name",
-            f"{run}-c",
-            "--label",
-            f"{LABEL}={run}",
-            "--network",
-            "none",
-            "busybox:latest",
-            "true",
-        )
+        labelled_container(engine, "create", f"{run}-c", run)
         # Kept, not dropped: the event waits in the outbox while start is retried.
         await async_wait_for(lambda: len(worker.outbox) == 1, 20, message="event held")
         ready, why = relay.readiness()
@@ -573,65 +448,7 @@ async def test_sasl_settings_reach_the_client(
 # -- TLS through stunnel --------------------------------------------------------------------
 
 
-def _openssl(*args: str, cwd: Path) -> None:
-    subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True)
-
-
-def make_ca(directory: Path, name: str) -> Path:
-    directory.mkdir(parents=True, exist_ok=True)
-    _openssl(
-        "req",
-        "-x509",
-        "-newkey",
-        "rsa:2048",
-        "-nodes",
-        "-days",
-        "2",
-        "-keyout",
-        f"{name}.key",
-        "-out",
-        f"{name}.pem",
-        "-subj",
-        f"/CN={name}",
-        cwd=directory,
-    )
-    return directory / f"{name}.pem"
-
-
-def make_cert(directory: Path, ca: str, name: str, san: str) -> tuple[Path, Path]:
-    (directory / f"{name}.ext").write_text(f"subjectAltName={san}\n")
-    _openssl(
-        "req",
-        "-newkey",
-        "rsa:2048",
-        "-nodes",
-        "-keyout",
-        f"{name}.key",
-        "-out",
-        f"{name}.csr",
-        "-subj",
-        f"/CN={name}",
-        cwd=directory,
-    )
-    _openssl(
-        "x509",
-        "-req",
-        "-in",
-        f"{name}.csr",
-        "-CA",
-        f"{ca}.pem",
-        "-CAkey",
-        f"{ca}.key",
-        "-CAcreateserial",
-        "-days",
-        "2",
-        "-out",
-        f"{name}.pem",
-        "-extfile",
-        f"{name}.ext",
-        cwd=directory,
-    )
-    return directory / f"{name}.pem", directory / f"{name}.key"
+pki = pki_fixture()
 
 
 class AdvertisedTansu(Tansu):
@@ -685,31 +502,20 @@ class Stunnel(BrokerProcess):
 @dataclass
 class TlsKafka:
     bootstrap: str
-    ca: Path
-    other_ca: Path
-    client_cert: Path
-    client_key: Path
-
-    def client_context(self) -> ssl.SSLContext:
-        ctx = ssl.create_default_context(cafile=str(self.ca))
-        ctx.load_cert_chain(str(self.client_cert), str(self.client_key))
-        return ctx
+    pki: Pki
 
 
 @pytest.fixture
-def tls_kafka(tmp_path: Path) -> Iterator[TlsKafka]:
-    pki = tmp_path / "pki"
-    ca = make_ca(pki, "ca")
-    other_ca = make_ca(pki, "other-ca")
-    cert, key = make_cert(pki, "ca", "server", "IP:127.0.0.1")
-    client_cert, client_key = make_cert(pki, "ca", "client", "DNS:relay")
+def tls_kafka(tmp_path: Path, pki: Pki) -> Iterator[TlsKafka]:
     tls_port = free_port()
     broker = AdvertisedTansu(tmp_path / "tansu", tls_port)
     broker.start()
-    tunnel = Stunnel(tmp_path / "stunnel", tls_port, broker.port, cert, key, ca)
+    tunnel = Stunnel(
+        tmp_path / "stunnel", tls_port, broker.port, pki.server_cert, pki.server_key, pki.ca
+    )
     try:
         tunnel.start()
-        yield TlsKafka(f"{HOST}:{tls_port}", ca, other_ca, client_cert, client_key)
+        yield TlsKafka(f"{HOST}:{tls_port}", pki)
     finally:
         tunnel.stop()
         broker.stop()
@@ -721,24 +527,16 @@ async def test_tls_with_client_certificate(tls_kafka: TlsKafka) -> None:
     sink = kafka_sink(
         tls_kafka.bootstrap,
         topic=topic,
-        tls={
-            "enabled": True,
-            "ca_file": tls_kafka.ca,
-            "cert_file": tls_kafka.client_cert,
-            "key_file": tls_kafka.client_key,
-        },
+        tls=tls_kafka.pki.client_tls(),
     )
     assert sink.describe()["security_protocol"] == "SSL"
-    await sink.start()
-    try:
+    async with started(sink):
         await sink.send(events)
-    finally:
-        await sink.aclose()
     records = await consume(
         tls_kafka.bootstrap,
         [topic],
         has_ids([e.id for e in events]),
-        ssl_context=tls_kafka.client_context(),
+        ssl_context=tls_kafka.pki.client_context(),
     )
     assert sorted(r.id for r in records) == sorted(e.id for e in events)
     assert {r.id: r.structured for r in records} == {e.id: structured(e) for e in events}
@@ -748,12 +546,7 @@ async def test_tls_with_a_wrong_ca_is_a_clear_retryable_error(tls_kafka: TlsKafk
     sink = kafka_sink(
         tls_kafka.bootstrap,
         request_timeout=2.0,
-        tls={
-            "enabled": True,
-            "ca_file": tls_kafka.other_ca,
-            "cert_file": tls_kafka.client_cert,
-            "key_file": tls_kafka.client_key,
-        },
+        tls=tls_kafka.pki.client_tls(ca_file=str(tls_kafka.pki.other_ca)),
     )
     with pytest.raises(RetryableSinkError) as info:
         await sink.start()
@@ -769,7 +562,7 @@ async def test_tls_with_a_wrong_ca_is_a_clear_retryable_error(tls_kafka: TlsKafk
 
 async def test_tls_without_client_certificate_is_refused(tls_kafka: TlsKafka) -> None:
     sink = kafka_sink(
-        tls_kafka.bootstrap, request_timeout=2.0, tls={"enabled": True, "ca_file": tls_kafka.ca}
+        tls_kafka.bootstrap, request_timeout=2.0, tls={"ca_file": str(tls_kafka.pki.ca)}
     )
     with pytest.raises(RetryableSinkError) as info:
         await sink.start()

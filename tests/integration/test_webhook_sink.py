@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import email.utils
 import json
-import subprocess
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -24,8 +23,10 @@ from sinks.base import Sink, SinkContext
 from sinks.webhook import WebhookSinkConfig, sign
 from tests.contract import SinkContract, sample_events, structured
 from tests.harness import PrivateEngine, async_wait_for
+from tests.harness.pki import Pki, pki_fixture
 from tests.harness.receiver import Receiver
-from tests.relay_harness import relay_settings, running_relay
+from tests.relay_harness import relay_settings, running_relay, started
+from tests.scenarios import prune_scenario
 
 pytestmark = pytest.mark.integration
 
@@ -137,11 +138,8 @@ async def test_receiver_rejects_tampered_body_and_old_timestamp(
 ) -> None:
     receiver = await receivers(secret=SECRET.encode())
     sink = build(receiver, mode="structured", secret=SECRET)
-    await sink.start()
-    try:
+    async with started(sink):
         await sink.send(sample_events(1))
-    finally:
-        await sink.aclose()
     [good] = receiver.requests
     assert good.status == 204 and good.signature_error is None
     header = good.headers["x-relay-signature"]
@@ -161,12 +159,9 @@ async def test_receiver_rejects_tampered_body_and_old_timestamp(
 
     # A relay with the wrong secret is refused: permanent, with the receiver's words.
     wrong = build(receiver, mode="structured", secret="not-the-secret")
-    await wrong.start()
-    try:
+    async with started(wrong):
         with pytest.raises(PermanentSinkError, match=r"401 Unauthorized: bad signature"):
             await wrong.send(sample_events(1))
-    finally:
-        await wrong.aclose()
 
 
 # -- outcomes through the relay: retries, dead letters, stop ------------------------------------
@@ -285,11 +280,8 @@ async def test_concurrency_keeps_each_actor_in_order(receivers: ReceiverFactory)
     receiver.slow(0.02)  # long enough that requests overlap
     sink = build(receiver, concurrency=4)
     events = sample_events(80)
-    await sink.start()
-    try:
+    async with started(sink):
         await sink.send(events)
-    finally:
-        await sink.aclose()
     got = receiver.events()
     assert sorted(e["id"] for e in got) == sorted(e.id for e in events)
     for key in {(e.ce.data.type, e.ce.data.actor.id) for e in events}:
@@ -306,12 +298,9 @@ async def test_a_failing_actor_holds_back_only_its_own_events(
     receiver.fail(500, times=1)
     sink = build(receiver, concurrency=2)
     events = sample_events(40)
-    await sink.start()
-    try:
+    async with started(sink):
         with pytest.raises(PartialDeliveryError) as info:
             await sink.send(events)
-    finally:
-        await sink.aclose()
     [refused] = [r for r in receiver.requests if r.status == 500]
     key = next((e.ce.data.type, e.ce.data.actor.id) for e in events
                if e.id == refused.headers["ce-id"])
@@ -332,16 +321,13 @@ async def test_one_at_a_time_holds_back_everything_after_a_failure(
     receiver = await receivers()
     sink = build(receiver)  # concurrency 1: engine order across actors
     events = sample_events(10)
-    await sink.start()
-    try:
+    async with started(sink):
         await sink.send(events[:3])
         receiver.fail(400, times=1, body="not this one")
         receiver.fail(503, times=1, headers={"Retry-After": "2"})
         with pytest.raises(PartialDeliveryError) as info:
             await sink.send(events[3:])
         await sink.send(events[5:])
-    finally:
-        await sink.aclose()
     failures = info.value.failures
     assert type(failures[0]) is PermanentSinkError and "not this one" in str(failures[0])
     # Everything after the 503 is held back, to be retried after its Retry-After.
@@ -354,14 +340,11 @@ async def test_batch_mode_sends_the_batch_as_one_request(receivers: ReceiverFact
     receiver = await receivers()
     sink = build(receiver, mode="batch", max_batch=25)
     events = sample_events(25)
-    await sink.start()
-    try:
+    async with started(sink):
         await sink.send(events)
         receiver.fail(429, times=1, headers={"Retry-After": "7"})
         with pytest.raises(RetryableSinkError) as info:
             await sink.send(events[:3])
-    finally:
-        await sink.aclose()
     assert info.value.retry_after == 7.0
     assert len(receiver.requests) == 2
     assert receiver.events() == [structured(e) for e in events]
@@ -402,9 +385,8 @@ async def test_slow_webhook_does_not_hold_back_a_fast_one(
 
 
 async def test_prune_events_and_reclaimed_bytes_route(
-    engine_fresh: PrivateEngine, tmp_path: Path, receivers: ReceiverFactory
+    engine: PrivateEngine, tmp_path: Path, receivers: ReceiverFactory
 ) -> None:
-    engine = engine_fresh
     every_prune = await receivers(secret=SECRET.encode())
     big_prunes = await receivers()
     settings = relay_settings(
@@ -416,27 +398,14 @@ async def test_prune_events_and_reclaimed_bytes_route(
                     filter={"actions": ["prune"], "min_reclaimed_bytes": MiB}),
         ],
     )
-    dd = ["dd", "if=/dev/zero", "bs=1M", "count=5"]
     async with running_relay(settings):
-        engine.cli("run", "--name", "pr-c", "--network", "none", "busybox:latest",
-                   *dd, "of=/big")
-        engine.cli("volume", "create", "pr-named")
-        engine.cli("run", "--rm", "--network", "none", "-v", "pr-named:/v", "busybox:latest",
-                   *dd, "of=/v/f")
-        # Anonymous: the only kind `system prune --volumes` removes on API >= 1.42.
-        engine.cli("run", "--name", "pr-anon", "--network", "none", "-v", "/anon",
-                   "busybox:latest", *dd, "of=/anon/f")
-        engine.cli("network", "create", "pr-net")
-        engine.cli("commit", "pr-c", "pr-extra:layer")
-        engine.cli("tag", "busybox:latest", "pr-extra:tag")
-        engine.cli("system", "prune", "-af", "--volumes")
-        await every_prune.wait_for_events(
-            4, where=lambda e: e["data"]["type"] in {"container", "volume", "network", "image"},
-        )
-        all_prunes = every_prune.events()
+        reported = prune_scenario(engine)
+        all_prunes = await every_prune.wait_for_events(len(reported))
         big = [e for e in all_prunes if e["data"]["reclaimed_bytes"] >= MiB]
         await big_prunes.wait_for_events(len(big))
     reclaimed = {e["data"]["type"]: e["data"]["reclaimed_bytes"] for e in all_prunes}
+    assert len(all_prunes) == len(reported)
+    assert reclaimed == reported  # what the engine said, byte for byte, per type
     assert all(e["data"]["action"] == "prune" for e in all_prunes)
     assert reclaimed["container"] >= 5 * MiB
     assert reclaimed["volume"] >= 5 * MiB
@@ -451,65 +420,32 @@ async def test_prune_events_and_reclaimed_bytes_route(
 # -- mTLS ------------------------------------------------------------------------------------
 
 
-def _openssl(*args: str, cwd: Path) -> None:
-    subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True)
+pki = pki_fixture()
 
 
-@pytest.fixture(scope="module")
-def certs(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A CA, a server certificate for 127.0.0.1 and a client certificate, all by openssl."""
-    d = tmp_path_factory.mktemp("certs")
-    ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
-    _openssl("req", "-x509", *ec, "-keyout", "ca.key", "-out", "ca.pem", "-days", "2",
-             "-subj", "/CN=relay test CA", "-addext", "basicConstraints=critical,CA:TRUE",
-             "-addext", "keyUsage=critical,keyCertSign,cRLSign", cwd=d)
-    (d / "server.ext").write_text("subjectAltName=IP:127.0.0.1,DNS:localhost\n"
-                                  "extendedKeyUsage=serverAuth\n")
-    (d / "client.ext").write_text("extendedKeyUsage=clientAuth\n")
-    for who in ("server", "client"):
-        _openssl("req", *ec, "-keyout", f"{who}.key", "-out", f"{who}.csr",
-                 "-subj", f"/CN=relay test {who}", cwd=d)
-        _openssl("x509", "-req", "-in", f"{who}.csr", "-CA", "ca.pem", "-CAkey", "ca.key",
-                 "-CAcreateserial", "-out", f"{who}.pem", "-days", "2",
-                 "-extfile", f"{who}.ext", cwd=d)
-    return d
-
-
-def _server_context(certs: Path) -> Any:
-    import ssl
-
-    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    ctx.load_cert_chain(certs / "server.pem", certs / "server.key")
-    ctx.load_verify_locations(certs / "ca.pem")
-    ctx.verify_mode = ssl.CERT_REQUIRED
-    return ctx
-
-
-async def test_mtls(certs: Path, receivers: ReceiverFactory) -> None:
-    receiver = await receivers(ssl_context=_server_context(certs))
-    tls = {"ca_file": str(certs / "ca.pem"), "cert_file": str(certs / "client.pem"),
-           "key_file": str(certs / "client.key")}
-    sink = build(receiver, tls=tls)
+async def test_mtls(pki: Pki, receivers: ReceiverFactory) -> None:
+    receiver = await receivers(ssl_context=pki.server_context())
+    sink = build(receiver, tls=pki.client_tls())
     events = sample_events(5)
-    await sink.start()
-    try:
+    async with started(sink):
         await sink.send(events)
-    finally:
-        await sink.aclose()
     assert receiver.events() == [structured(e) for e in events]
 
-    # Without the client certificate the server refuses the handshake; without the CA the
-    # sink refuses the server. Both are retryable (fixable without losing the events).
-    for broken in ({"ca_file": tls["ca_file"]}, {}):
-        sink = build(receiver, **({"tls": broken} if broken else {}))
-        await sink.start()
-        try:
+    # Without the client certificate the server refuses the handshake; trusting the system
+    # CAs or another CA, the sink refuses the server. All retryable (fixable without losing
+    # the events).
+    refused: list[tuple[dict[str, Any] | None, str]] = [
+        ({"ca_file": str(pki.ca)}, ""),
+        (None, "certificate verify failed"),
+        ({}, "certificate verify failed"),
+        (pki.client_tls(ca_file=str(pki.other_ca)), "certificate verify failed"),
+    ]
+    for tls, words in refused:
+        sink = build(receiver, **({} if tls is None else {"tls": tls}))
+        async with started(sink):
             with pytest.raises(RetryableSinkError) as info:
                 await sink.send(events[:1])
-        finally:
-            await sink.aclose()
-        if not broken:
-            assert "certificate verify failed" in str(info.value)
+        assert words in str(info.value)
     assert len(receiver.requests) == 5
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import ssl
 import subprocess
 import sys
 from pathlib import Path
@@ -17,6 +18,7 @@ from relay.settings import load_settings
 from relay.template import Template
 from sinks.kafka import KafkaSink, KafkaSinkConfig, topic_problem
 from tests.contract import sample_events
+from tests.harness.pki import make_pki
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -161,7 +163,7 @@ def test_password_from_file_is_secret(tmp_path: Path) -> None:
     (tmp_path / "pw").write_text("hunter2\n")
     c = KafkaSinkConfig(
         bootstrap_servers="a:1",
-        tls={"enabled": True},
+        tls={},
         sasl={"mechanism": "SCRAM-SHA-256", "username": "u", "password_file": tmp_path / "pw"},
     )
     assert c.sasl is not None and c.sasl.password is not None
@@ -173,20 +175,51 @@ def test_password_from_file_is_secret(tmp_path: Path) -> None:
 
 
 def test_sasl_needs_a_password(tmp_path: Path) -> None:
-    with pytest.raises(ValidationError, match="password"):
+    with pytest.raises(ValidationError, match="password or password_file is required"):
         KafkaSinkConfig(bootstrap_servers="a:1", sasl={"username": "u"})
-    with pytest.raises(ValidationError, match="cannot read"):
+    with pytest.raises(ValidationError, match="password_file: cannot read"):
         KafkaSinkConfig(
             bootstrap_servers="a:1",
             sasl={"username": "u", "password_file": tmp_path / "missing"},
+        )
+    (tmp_path / "pw").write_text("x")
+    with pytest.raises(ValidationError, match="password and password_file: set only one"):
+        KafkaSinkConfig(
+            bootstrap_servers="a:1",
+            sasl={"username": "u", "password": "y", "password_file": tmp_path / "pw"},
         )
 
 
 def test_tls_files_must_exist(tmp_path: Path) -> None:
     with pytest.raises(ValidationError, match="ca_file: no such file"):
-        KafkaSinkConfig(bootstrap_servers="a:1", tls={"enabled": True, "ca_file": tmp_path / "x"})
-    with pytest.raises(ValidationError, match="go together"):
+        KafkaSinkConfig(bootstrap_servers="a:1", tls={"ca_file": tmp_path / "x"})
+    with pytest.raises(ValidationError, match="cert_file: no such file"):
         KafkaSinkConfig(bootstrap_servers="a:1", tls={"cert_file": tmp_path / "x"})
+    (tmp_path / "key.pem").write_text("x")
+    with pytest.raises(ValidationError, match="key_file: set cert_file too"):
+        KafkaSinkConfig(bootstrap_servers="a:1", tls={"key_file": tmp_path / "key.pem"})
+
+
+def test_tls_is_on_when_given_even_empty() -> None:
+    c = KafkaSinkConfig(bootstrap_servers="a:1", tls={})
+    assert c.security_protocol == "SSL"
+    context = c.producer_options("n")["ssl_context"]
+    assert context.verify_mode == ssl.CERT_REQUIRED and context.check_hostname
+    assert KafkaSink(c).describe()["tls"] == {"ca_file": None, "client_cert": False,
+                                              "verify": True}
+    assert "ssl_context" not in KafkaSinkConfig(bootstrap_servers="a:1").producer_options("n")
+    # The former switch is gone: `tls` present means TLS.
+    with pytest.raises(ValidationError, match="enabled"):
+        KafkaSinkConfig(bootstrap_servers="a:1", tls={"enabled": True})
+
+
+async def test_a_tls_file_broken_after_the_config_check_is_retried(tmp_path: Path) -> None:
+    ca = make_pki(tmp_path / "pki").ca
+    sink = KafkaSink(KafkaSinkConfig(bootstrap_servers="a:1", name="k1", tls={"ca_file": ca}))
+    ca.write_text("no longer a certificate")
+    with pytest.raises(RetryableSinkError, match=r"\[k1\] tls: ca_file: cannot load"):
+        await sink.start()
+    await sink.aclose()
 
 
 def test_codec_without_its_library_is_a_config_error() -> None:
@@ -215,26 +248,21 @@ def test_malformed_template_in_yaml_names_the_setting(tmp_path: Path) -> None:
     assert "unknown field {typo}" in str(info.value)
 
 
+def check_config(path: Path, text: str) -> subprocess.CompletedProcess[str]:
+    path.write_text(text)
+    return subprocess.run(
+        [sys.executable, "-m", "relay", "--config", str(path), "check-config"],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        env={k: v for k, v in os.environ.items() if not k.startswith("RELAY_")},
+    )
+
+
 def test_check_config_exits_2_on_a_malformed_key_template(tmp_path: Path) -> None:
     path = tmp_path / "relay.yaml"
-    path.write_text(BAD_TEMPLATE.replace('topic: "docker.{typo}"', 'key: "{actor_id"'))
-    env = {k: v for k, v in os.environ.items() if not k.startswith("RELAY_")}
-    result = subprocess.run(
-        [sys.executable, "-m", "relay", "--config", str(path), "check-config"],
-        capture_output=True,
-        text=True,
-        cwd=REPO,
-        env=env,
-    )
+    result = check_config(path, BAD_TEMPLATE.replace('topic: "docker.{typo}"', 'key: "{actor_id"'))
     assert result.returncode == 2, result.stderr
     assert "sinks[0].key" in result.stderr and "malformed template" in result.stderr
-    good = BAD_TEMPLATE.replace("{typo}", "{type}")
-    path.write_text(good)
-    result = subprocess.run(
-        [sys.executable, "-m", "relay", "--config", str(path), "check-config"],
-        capture_output=True,
-        text=True,
-        cwd=REPO,
-        env=env,
-    )
+    result = check_config(path, BAD_TEMPLATE.replace("{typo}", "{type}"))
     assert result.returncode == 0, result.stderr

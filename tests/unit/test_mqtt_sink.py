@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import ssl
 from pathlib import Path
 from typing import Any
 
@@ -92,13 +93,23 @@ def test_qos_is_0_1_or_2() -> None:
     assert "qos" in error_of(qos=3)
 
 
-def test_tls_files_imply_tls_and_must_exist(tmp_path: Path) -> None:
-    ca = tmp_path / "ca.pem"
-    ca.write_text("x")
-    c = MqttSinkConfig(tls_ca_file=ca)
-    assert c.tls and c.effective_port == 8883
-    assert "tls_ca_file: no such file" in error_of(tls_ca_file=tmp_path / "missing.pem")
-    assert "tls_key_file: set tls_cert_file too" in error_of(tls_key_file=ca)
+def test_tls_settings_turn_tls_on_and_files_must_load(tmp_path: Path) -> None:
+    assert MqttSinkConfig().tls is None and MqttSinkConfig().effective_port == 1883
+    c = MqttSinkConfig(tls={})
+    assert c.tls is not None and c.effective_port == 8883
+    assert c.tls.ssl_context().verify_mode == ssl.CERT_REQUIRED
+    assert MqttSinkConfig(tls={}, port=1884).effective_port == 1884
+    assert build(tls={"verify": False}).describe()["tls"] == {
+        "ca_file": None, "client_cert": False, "verify": False
+    }
+    not_pem = tmp_path / "ca.pem"
+    not_pem.write_text("x")
+    assert "ca_file: no such file" in error_of(tls={"ca_file": tmp_path / "missing.pem"})
+    assert "ca_file: cannot load" in error_of(tls={"ca_file": not_pem})
+    assert "key_file: set cert_file too" in error_of(tls={"key_file": not_pem})
+    # The flat settings of earlier versions are refused by name, not ignored.
+    assert "tls_ca_file" in error_of(tls_ca_file=not_pem)
+    assert "tls" in error_of(tls=True)
 
 
 def test_password_from_file_is_secret(tmp_path: Path) -> None:
@@ -114,7 +125,7 @@ def test_password_from_file_is_secret(tmp_path: Path) -> None:
 def test_password_settings_conflicts(tmp_path: Path) -> None:
     secret_file = tmp_path / "pw"
     secret_file.write_text("a")
-    assert "either password or password_file" in error_of(
+    assert "password and password_file: set only one" in error_of(
         username="u", password="b", password_file=secret_file
     )
     assert "username: a password needs a username" in error_of(password="b")
