@@ -52,6 +52,10 @@ def _rows(model: type[BaseModel], prefix: str, env_prefix: str | None) -> list[s
         path = f"{prefix}{key}"
         sub = _model_of(field.annotation)
         if sub is not None and get_origin(field.annotation) is not list:
+            if field.description:
+                env = f"`{env_prefix}{key.upper()}`" if env_prefix is not None else ""
+                desc = field.description.replace("|", "\\|").replace("\n", " ")
+                rows.append(f"| `{path}` | {env} | {_default(field)} | {desc} |")
             rows += _rows(sub, f"{path}.", None if env_prefix is None else
                           f"{env_prefix}{key.upper()}__")
             continue

@@ -33,9 +33,7 @@ class HttpServer:
         await self._runner.setup()
         site = web.TCPSite(self._runner, self.host, self.port)
         await site.start()
-        server = site._server
-        sockets = getattr(server, "sockets", None) or []
-        self.bound_port = sockets[0].getsockname()[1] if sockets else self.port
+        self.bound_port = self._runner.addresses[0][1]
         log.info("serving /metrics, /healthz, /readyz on %s:%s", self.host, self.bound_port)
 
     async def aclose(self) -> None:

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One-shot, idempotent set-up of a fresh Debian 12 machine for development and CI:
 #   * Debian packages: the 20.10 Docker Engine, busybox-static (for the test image),
+#     debootstrap (a local base for the container image test),
 #     mosquitto, stunnel4 and openssl (TLS tests);
 #   * the project's virtualenv in .venv with the [test,bench] extras (ships tansu);
 #   * Debian forky's Docker Engine 28.5 unpacked under .cache/engines/forky/ without
@@ -14,7 +15,7 @@ cd "$REPO"
 log() { printf '[setup] %s\n' "$*" >&2; }
 
 # --- 1. Debian packages -------------------------------------------------------------------
-APT_PACKAGES=(docker.io busybox-static mosquitto stunnel4 openssl)
+APT_PACKAGES=(docker.io busybox-static mosquitto stunnel4 openssl debootstrap)
 
 missing=()
 for pkg in "${APT_PACKAGES[@]}"; do

@@ -68,8 +68,10 @@ STRUCTURED_CONTENT_TYPE: Final = b"application/cloudevents+json; charset=UTF-8"
 class KafkaSaslSettings(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] = "PLAIN"
-    username: str = Field(min_length=1)
+    mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] = Field(
+        default="PLAIN", description="PLAIN, SCRAM-SHA-256 or SCRAM-SHA-512."
+    )
+    username: str = Field(min_length=1, description="SASL user name.")
     password: SecretStr | None = Field(default=None, description="SASL password.")
     password_file: Path | None = Field(
         default=None, description="File holding the password (a mounted secret)."

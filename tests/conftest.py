@@ -89,37 +89,29 @@ def engine_fresh(
 @pytest.fixture(scope="session")
 def tansu(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Tansu]:
     """One tansu for the session: use unique topic names. Do not stop it; see tansu_fresh."""
-    broker = Tansu(tmp_path_factory.mktemp("tansu"))
-    broker.start()
-    yield broker
-    broker.stop()
+    with Tansu(tmp_path_factory.mktemp("tansu")) as broker:
+        yield broker
 
 
 @pytest.fixture
 def tansu_fresh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Tansu]:
     """A tansu of this test alone, for stop/restart scenarios (restart loses all data)."""
-    broker = Tansu(tmp_path_factory.mktemp("tansu"))
-    broker.start()
-    yield broker
-    broker.stop()
+    with Tansu(tmp_path_factory.mktemp("tansu")) as broker:
+        yield broker
 
 
 @pytest.fixture(scope="session")
 def mosquitto(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mosquitto]:
     """One anonymous Mosquitto for the session: use unique topics. Do not stop it."""
-    broker = Mosquitto(tmp_path_factory.mktemp("mosquitto"))
-    broker.start()
-    yield broker
-    broker.stop()
+    with Mosquitto(tmp_path_factory.mktemp("mosquitto")) as broker:
+        yield broker
 
 
 @pytest.fixture
 def mosquitto_fresh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mosquitto]:
     """A Mosquitto of this test alone, for stop/restart scenarios."""
-    broker = Mosquitto(tmp_path_factory.mktemp("mosquitto"))
-    broker.start()
-    yield broker
-    broker.stop()
+    with Mosquitto(tmp_path_factory.mktemp("mosquitto")) as broker:
+        yield broker
 
 
 @pytest.fixture

@@ -23,6 +23,11 @@ def ensure_busybox(engine: PrivateEngine) -> None:
     )
 
 
+def engine_id(engine: PrivateEngine) -> str:
+    """The engine's ID from /info: the `source` of its events and part of every event id."""
+    return engine.cli("info", "--format", "{{.ID}}").stdout.strip()
+
+
 def engine_time(engine: PrivateEngine) -> str:
     """The engine's clock as a `since`/`until` value (the test and engine share one host)."""
     return f"{time.time():.9f}"

@@ -12,8 +12,8 @@ import shutil
 import socket
 import subprocess
 from pathlib import Path
-from types import TracebackType
 
+from .process import Service
 from .wait import wait_for
 
 HOST = "127.0.0.1"
@@ -35,7 +35,7 @@ def _accepts(port: int) -> bool:
         return False
 
 
-class BrokerProcess:
+class BrokerProcess(Service):
     """Common start/stop/restart handling; subclasses supply the command line."""
 
     name = "broker"
@@ -127,24 +127,6 @@ class BrokerProcess:
         """Stop and start again on the same port."""
         self.stop()
         self.start()
-
-    def _log_tail(self, lines: int = 30) -> str:
-        try:
-            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
-        except OSError as exc:
-            return f"(no log: {exc})"
-
-    def __enter__(self) -> BrokerProcess:
-        self.start()
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
 
 
 def tansu_binary() -> Path:

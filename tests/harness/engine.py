@@ -14,9 +14,10 @@ import subprocess
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from types import TracebackType
 
 import pytest
+
+from .process import Service
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 ENGINE_SH = REPO_ROOT / "scripts" / "engine.sh"
@@ -69,7 +70,7 @@ class DockerCLIError(subprocess.CalledProcessError):
         return f"{super().__str__()}\nstderr: {self.stderr}"
 
 
-class PrivateEngine:
+class PrivateEngine(Service):
     """One private dockerd under `workdir`: socket, data-root, exec-root, pid file and log.
 
     The socket path stays the same across `restart()`, so a client (the relay under test)
@@ -181,24 +182,6 @@ class PrivateEngine:
             proc.wait()
         # A dockerd killed mid-start may have left its containerd behind.
         subprocess.run([str(ENGINE_SH), "stop", str(self.workdir)], check=False)
-
-    def _log_tail(self, lines: int = 30) -> str:
-        try:
-            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
-        except OSError as exc:
-            return f"(no log: {exc})"
-
-    def __enter__(self) -> PrivateEngine:
-        self.start()
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
 
     # -- client ------------------------------------------------------------------------------
 

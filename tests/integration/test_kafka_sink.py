@@ -26,7 +26,13 @@ from tests.harness import PrivateEngine, Tansu, async_wait_for, free_port
 from tests.harness.brokers import HOST, BrokerProcess
 from tests.harness.pki import Pki, pki_fixture
 from tests.relay_harness import Recorder, relay_settings, running_relay, started
-from tests.scenarios import PRUNED_TYPES, engine_events, engine_time, prune_scenario
+from tests.scenarios import (
+    PRUNED_TYPES,
+    engine_events,
+    engine_id,
+    engine_time,
+    prune_scenario,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -176,10 +182,6 @@ class TestKafkaContractStructured(TestKafkaContract):
 
 
 # -- events from the real engine ------------------------------------------------------------
-
-
-def engine_id(engine: PrivateEngine) -> str:
-    return engine.cli("info", "--format", "{{.ID}}").stdout.strip()
 
 
 @pytest.mark.parametrize("mode", ["binary", "structured"])

@@ -27,6 +27,7 @@ from tests.scenarios import (
     PRUNED_TYPES,
     create_volumes,
     engine_events,
+    engine_id,
     engine_time,
     prune_scenario,
 )
@@ -56,10 +57,6 @@ def events_once(path: Path, predicate: Any) -> Any:
 
 def file_sink(path: Path) -> tuple[StdoutSink, RouteFilter]:
     return StdoutSink("stdout", 500, stream=open(path, "wb")), RouteFilter()
-
-
-def engine_id_of(engine: PrivateEngine) -> str:
-    return engine.cli("info", "--format", "{{.ID}}").stdout.strip()
 
 
 def ce_id(engine_uid: str, raw: dict[str, Any]) -> str:
@@ -94,7 +91,7 @@ async def test_burst_of_5000_volumes_every_event_once_in_engine_order(
     tag = uuid.uuid4().hex[:8]
     names = [f"burst-{tag}-{i:04d}" for i in range(5000)]
     out = tmp_path / "out.jsonl"
-    uid = engine_id_of(engine)
+    uid = engine_id(engine)
     since = engine_time(engine)
     # The engine's own account: a second, independent subscriber (the docker CLI). Blocking
     # calls in this async test are fine: the relay runs on its own thread and loop.
@@ -209,7 +206,7 @@ def test_restart_resumes_from_the_checkpoint_without_duplicates(
 ) -> None:
     tag = uuid.uuid4().hex[:8]
     state = tmp_path / "state"
-    uid = engine_id_of(engine)
+    uid = engine_id(engine)
     first = _start_cli_relay(engine, state, tmp_path / "out1.jsonl", tmp_path / "err1.log")
     for i in range(20):
         engine.cli("volume", "create", f"a-{tag}-{i}")
