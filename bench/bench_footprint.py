@@ -117,13 +117,19 @@ class RelayProcess:
             RELAY_LOG__LEVEL="WARNING",
         )
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "relay", "run"], cwd=REPO, env=env,
-            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+            [sys.executable, "-m", "relay", "run"],
+            cwd=REPO,
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
         )
         wait_for(
-            lambda: (self.proc.poll() is None and get(self.port, "/readyz")[0] == 200)
-            or self.proc.poll() is not None,
-            60, message="relay ready",
+            lambda: (
+                (self.proc.poll() is None and get(self.port, "/readyz")[0] == 200)
+                or self.proc.poll() is not None
+            ),
+            60,
+            message="relay ready",
         )
         if self.proc.poll() is not None:
             raise RuntimeError(f"relay exited: {self.proc.stderr.read().decode()}")  # type: ignore[union-attr]
@@ -163,14 +169,23 @@ def main() -> None:
             mosquitto.start()
             wait_for(lambda: get(receiver_port, "/")[0] != 0, 30, message="receiver up")
             all_three = [
-                {"type": "kafka", "name": "kafka", "bootstrap_servers": [tansu.bootstrap],
-                 "enable_idempotence": False},  # tansu lacks InitProducerId (DESIGN.md 5)
+                {
+                    "type": "kafka",
+                    "name": "kafka",
+                    "bootstrap_servers": [tansu.bootstrap],
+                    "enable_idempotence": False,
+                },  # tansu lacks InitProducerId (DESIGN.md 5)
                 {"type": "mqtt", "name": "mqtt", "host": "127.0.0.1", "port": mosquitto.port},
-                {"type": "webhook", "name": "webhook", "mode": "batch",
-                 "url": f"http://127.0.0.1:{receiver_port}/hook"},
+                {
+                    "type": "webhook",
+                    "name": "webhook",
+                    "mode": "batch",
+                    "url": f"http://127.0.0.1:{receiver_port}/hook",
+                },
             ]
             results: dict[str, list[tuple[float, float, float]]] = {
-                "idle, stdout only (baseline)": [], "idle, kafka+mqtt+webhook": [],
+                "idle, stdout only (baseline)": [],
+                "idle, kafka+mqtt+webhook": [],
                 f"{args.rate:g} events/s, kafka+mqtt+webhook": [],
             }
             rates: list[float] = []
@@ -186,8 +201,17 @@ def main() -> None:
                 results["idle, kafka+mqtt+webhook"].append(window(relay.proc.pid, args.idle))
                 read0 = metric(relay.port, "relay_events_read_total")
                 gen = subprocess.Popen(
-                    [sys.executable, "-c", GENERATOR, engine.docker_host, str(args.rate),
-                     str(args.load + 2), f"{run}"], stdout=subprocess.PIPE, text=True,
+                    [
+                        sys.executable,
+                        "-c",
+                        GENERATOR,
+                        engine.docker_host,
+                        str(args.rate),
+                        str(args.load + 2),
+                        f"{run}",
+                    ],
+                    stdout=subprocess.PIPE,
+                    text=True,
                 )
                 time.sleep(1)  # the generator's own start-up
                 results[f"{args.rate:g} events/s, kafka+mqtt+webhook"].append(
@@ -199,9 +223,11 @@ def main() -> None:
                 sent = float(gen.stdout.read().strip() or 0)  # type: ignore[union-attr]
                 for sink in ("kafka", "mqtt", "webhook"):
                     wait_for(
-                        lambda s=sink, port=relay.port, n=sent: metric(
-                            port, "relay_events_delivered_total", sink=s) >= n,
-                        120, message=f"{sink} delivered all",
+                        lambda s=sink, port=relay.port, n=sent: (
+                            metric(port, "relay_events_delivered_total", sink=s) >= n
+                        ),
+                        120,
+                        message=f"{sink} delivered all",
                     )
                 relay.stop()
                 print(f"run {run + 1}/{args.runs} done", file=sys.stderr)
@@ -212,8 +238,10 @@ def main() -> None:
             tansu.stop()
             engine.stop()
 
-    print(f"relay footprint, medians of {args.runs} runs (idle window {args.idle:g} s, "
-          f"load window {args.load:g} s); python {sys.version.split()[0]}")
+    print(
+        f"relay footprint, medians of {args.runs} runs (idle window {args.idle:g} s, "
+        f"load window {args.load:g} s); python {sys.version.split()[0]}"
+    )
     print(f"{'case':<42} {'CPU % of a core':>16} {'RSS MB':>8} {'peak RSS MB':>12}")
     for case, values in results.items():
         cpu = statistics.median(v[0] for v in values)

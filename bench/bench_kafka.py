@@ -49,17 +49,25 @@ def sink_config(bootstrap: str, topic: str, **extra: object) -> KafkaSinkConfig:
 
 
 async def relay_path(bootstrap: str, events: list, batch: int, workdir: Path) -> float:
-    sink = KafkaSink(sink_config(bootstrap, f"bench-r-{uuid.uuid4().hex[:8]}", max_batch=batch),
-                     SinkContext("bench"))
+    sink = KafkaSink(
+        sink_config(bootstrap, f"bench-r-{uuid.uuid4().hex[:8]}", max_batch=batch),
+        SinkContext("bench"),
+    )
     done = 0
 
     def on_done(_seq: int) -> None:
         nonlocal done
         done += 1
 
-    worker = SinkWorker(sink, len(events) + 1, "dead_letter", RetryPolicy(RetrySettings()),
-                        DeadLetter(workdir / f"dl-{uuid.uuid4().hex[:6]}.jsonl"), Metrics(),
-                        on_done)
+    worker = SinkWorker(
+        sink,
+        len(events) + 1,
+        "dead_letter",
+        RetryPolicy(RetrySettings()),
+        DeadLetter(workdir / f"dl-{uuid.uuid4().hex[:6]}.jsonl"),
+        Metrics(),
+        on_done,
+    )
     await sink.start()
     # Warm the topic's metadata so both paths start alike.
     await sink.send(events[:1])
@@ -78,8 +86,9 @@ async def plain_path(bootstrap: str, events: list, batch: int) -> float:
     topic = f"bench-p-{uuid.uuid4().hex[:8]}"
     encoder = KafkaSink(sink_config(bootstrap, topic), SinkContext("bench"))
     records = [(*encoder.encode(e), e.time_nano // 1_000_000) for e in events]
-    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, enable_idempotence=False,
-                                acks="all", linger_ms=5)
+    producer = AIOKafkaProducer(
+        bootstrap_servers=bootstrap, enable_idempotence=False, acks="all", linger_ms=5
+    )
     await producer.start()
     t_, k_, v_, h_, ts_ = records[0]
     await (await producer.send(t_, v_, key=k_, headers=h_, timestamp_ms=ts_))
@@ -87,7 +96,7 @@ async def plain_path(bootstrap: str, events: list, batch: int) -> float:
     for start in range(0, len(records), batch):
         futures = [
             await producer.send(t, v, key=k, headers=h, timestamp_ms=ts)
-            for t, k, v, h, ts in records[start:start + batch]
+            for t, k, v, h, ts in records[start : start + batch]
         ]
         await asyncio.gather(*futures)
     elapsed = time.perf_counter() - t0
@@ -130,13 +139,26 @@ async def latency(bootstrap: str, rate: int, seconds: float, workdir: Path) -> d
     received: list[tuple[int, int]] = []
     try:
         settings = relay_settings(
-            engine.docker_host, workdir / "state",
-            sinks=[{"type": "kafka", "bootstrap_servers": bootstrap, "topic": topic,
-                    "enable_idempotence": False, "filter": {"types": ["volume"]}}],
+            engine.docker_host,
+            workdir / "state",
+            sinks=[
+                {
+                    "type": "kafka",
+                    "bootstrap_servers": bootstrap,
+                    "topic": topic,
+                    "enable_idempotence": False,
+                    "filter": {"types": ["volume"]},
+                }
+            ],
         )
-        consumer = AIOKafkaConsumer(topic, bootstrap_servers=bootstrap, group_id=None,
-                                    auto_offset_reset="earliest", metadata_max_age_ms=500,
-                                    fetch_max_wait_ms=10)
+        consumer = AIOKafkaConsumer(
+            topic,
+            bootstrap_servers=bootstrap,
+            group_id=None,
+            auto_offset_reset="earliest",
+            metadata_max_age_ms=500,
+            fetch_max_wait_ms=10,
+        )
         await consumer.start()
         stop = asyncio.Event()
 
@@ -156,8 +178,12 @@ async def latency(bootstrap: str, rate: int, seconds: float, workdir: Path) -> d
                 slots = asyncio.Semaphore(32)  # one client cannot reach 500/s serially
 
                 async def create(n: int) -> None:
-                    async with slots, http.post("http://docker/v1.41/volumes/create",
-                                                json={"Name": f"lat{n}"}) as resp:
+                    async with (
+                        slots,
+                        http.post(
+                            "http://docker/v1.41/volumes/create", json={"Name": f"lat{n}"}
+                        ) as resp,
+                    ):
                         resp.raise_for_status()
 
                 tasks = []
@@ -180,8 +206,15 @@ async def latency(bootstrap: str, rate: int, seconds: float, workdir: Path) -> d
         engine.stop()
     lat_ms = sorted((r - t) / 1e6 for r, t in received)
     q = statistics.quantiles(lat_ms, n=100)
-    return {"engine": spec.name, "sent": sent, "received": len(received),
-            "rate": actual_rate, "p50_ms": q[49], "p99_ms": q[98], "max_ms": lat_ms[-1]}
+    return {
+        "engine": spec.name,
+        "sent": sent,
+        "received": len(received),
+        "rate": actual_rate,
+        "p50_ms": q[49],
+        "p99_ms": q[98],
+        "max_ms": lat_ms[-1],
+    }
 
 
 async def main() -> None:
@@ -199,14 +232,18 @@ async def main() -> None:
     try:
         print(f"throughput: {args.events} recorded events x {args.runs} runs, batch {args.batch}")
         t = await throughput(broker.bootstrap, args.events, args.runs, args.batch, workdir)
-        print(f"THROUGHPUT relay {t['relay_eps_median']:,.0f} ev/s | plain aiokafka "
-              f"{t['plain_eps_median']:,.0f} ev/s | ratio median {t['ratio_median']:.2f} "
-              f"(runs: {', '.join(f'{r:.2f}' for r in t['ratios'])})")
+        print(
+            f"THROUGHPUT relay {t['relay_eps_median']:,.0f} ev/s | plain aiokafka "
+            f"{t['plain_eps_median']:,.0f} ev/s | ratio median {t['ratio_median']:.2f} "
+            f"(runs: {', '.join(f'{r:.2f}' for r in t['ratios'])})"
+        )
         if not args.skip_latency:
             lat = await latency(broker.bootstrap, args.rate, args.seconds, workdir)
-            print(f"LATENCY engine {lat['engine']}: {lat['sent']} events at {lat['rate']:.0f}/s, "
-                  f"received {lat['received']}: p50 {lat['p50_ms']:.1f} ms, "
-                  f"p99 {lat['p99_ms']:.1f} ms, max {lat['max_ms']:.1f} ms")
+            print(
+                f"LATENCY engine {lat['engine']}: {lat['sent']} events at {lat['rate']:.0f}/s, "
+                f"received {lat['received']}: p50 {lat['p50_ms']:.1f} ms, "
+                f"p99 {lat['p99_ms']:.1f} ms, max {lat['max_ms']:.1f} ms"
+            )
     finally:
         broker.stop()
 

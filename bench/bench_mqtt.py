@@ -47,8 +47,13 @@ TOPIC = "bench/{engine_name}/{type}/{action}"
 
 
 async def relay_run(port: int, events: list[Event], workdir: Path) -> float:
-    sink = MqttSinkConfig(host="127.0.0.1", port=port, topic=TOPIC, client_id="bench-relay",
-                          status_topic="bench/status").build(SinkContext("bench"))
+    sink = MqttSinkConfig(
+        host="127.0.0.1",
+        port=port,
+        topic=TOPIC,
+        client_id="bench-relay",
+        status_topic="bench/status",
+    ).build(SinkContext("bench"))
     done = [0]
     finished = asyncio.Event()
 
@@ -57,8 +62,15 @@ async def relay_run(port: int, events: list[Event], workdir: Path) -> float:
         if done[0] == len(events):
             finished.set()
 
-    worker = SinkWorker(sink, len(events) + 1, "dead_letter", RetryPolicy(RetrySettings()),
-                        DeadLetter(workdir / "dl.jsonl"), Metrics(), on_done)
+    worker = SinkWorker(
+        sink,
+        len(events) + 1,
+        "dead_letter",
+        RetryPolicy(RetrySettings()),
+        DeadLetter(workdir / "dl.jsonl"),
+        Metrics(),
+        on_done,
+    )
     await sink.start()
     task = asyncio.create_task(worker.run())
     start = time.perf_counter()
@@ -87,8 +99,7 @@ def paho_run(port: int, events: list[Event]) -> float:
         if count[0] == len(messages):
             acked.set()
 
-    client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="bench-paho",
-                         protocol=mqtt.MQTTv5)
+    client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="bench-paho", protocol=mqtt.MQTTv5)
     client.max_inflight_messages_set(100)
     client.on_publish = on_publish
     client.connect("127.0.0.1", port)
@@ -127,9 +138,13 @@ async def latency(port: int, rate: float, seconds: float, workdir: Path) -> list
     sub.loop_start()
     total = int(rate * seconds)
     try:
-        sink = MqttSinkConfig(host="127.0.0.1", port=port, client_id="bench-lat",
-                              topic="lat/{type}/{action}", status_topic="lat/status"
-                              ).build(SinkContext("bench"))
+        sink = MqttSinkConfig(
+            host="127.0.0.1",
+            port=port,
+            client_id="bench-lat",
+            topic="lat/{type}/{action}",
+            status_topic="lat/status",
+        ).build(SinkContext("bench"))
         settings = relay_settings(engine.docker_host, workdir / "state")
         async with running_relay(settings, sinks=[(sink, RouteFilter())]):
             conn = aiohttp.UnixConnector(path=str(engine.socket_path))
@@ -139,8 +154,12 @@ async def latency(port: int, rate: float, seconds: float, workdir: Path) -> list
                 slots = asyncio.Semaphore(32)
 
                 async def create(i: int) -> None:
-                    async with slots, http.post("http://docker/v1.41/volumes/create",
-                                                json={"Name": f"lat-{i}"}) as resp:
+                    async with (
+                        slots,
+                        http.post(
+                            "http://docker/v1.41/volumes/create", json={"Name": f"lat-{i}"}
+                        ) as resp,
+                    ):
                         resp.raise_for_status()
 
                 tasks = []
@@ -155,8 +174,10 @@ async def latency(port: int, rate: float, seconds: float, workdir: Path) -> list
             deadline = time.monotonic() + 60
             while len(arrivals) < total and time.monotonic() < deadline:  # noqa: ASYNC110 (paho thread fills it)
                 await asyncio.sleep(0.1)
-        print(f"latency run: {total} volume creates at {achieved:.0f}/s achieved, "
-              f"{len(arrivals)} arrived")
+        print(
+            f"latency run: {total} volume creates at {achieved:.0f}/s achieved, "
+            f"{len(arrivals)} arrived"
+        )
     finally:
         sub.loop_stop()
         engine.stop()
@@ -185,17 +206,21 @@ def main() -> None:
             print(f"run {run + 1}: relay {relay_rates[-1]:,.0f}/s  paho {paho_rates[-1]:,.0f}/s")
         r, p = statistics.median(relay_rates), statistics.median(paho_rates)
         ratios = [a / b for a, b in zip(relay_rates, paho_rates, strict=True)]
-        print(f"QoS 1 throughput, {args.events} events, median of {args.runs}: relay+sink "
-              f"{r:,.0f} events/s, plain paho {p:,.0f} events/s, ratio {r / p:.2f} "
-              f"(per-run ratios {', '.join(f'{x:.2f}' for x in ratios)})")
+        print(
+            f"QoS 1 throughput, {args.events} events, median of {args.runs}: relay+sink "
+            f"{r:,.0f} events/s, plain paho {p:,.0f} events/s, ratio {r / p:.2f} "
+            f"(per-run ratios {', '.join(f'{x:.2f}' for x in ratios)})"
+        )
         if not args.no_latency:
             lat = sorted(asyncio.run(latency(broker.port, args.rate, args.seconds, work)))
             if lat:
                 p50 = lat[len(lat) // 2]
                 p99 = lat[min(len(lat) - 1, int(len(lat) * 0.99))]
-                print(f"engine->subscriber latency at {args.rate:.0f} events/s: "
-                      f"p50 {p50:.1f} ms, p99 {p99:.1f} ms, max {lat[-1]:.1f} ms "
-                      f"({len(lat)} events)")
+                print(
+                    f"engine->subscriber latency at {args.rate:.0f} events/s: "
+                    f"p50 {p50:.1f} ms, p99 {p99:.1f} ms, max {lat[-1]:.1f} ms "
+                    f"({len(lat)} events)"
+                )
     finally:
         broker.stop()
 

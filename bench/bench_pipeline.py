@@ -46,14 +46,21 @@ def floor(lines: list[bytes]) -> float:
         tn = m["timeNano"]
         ce = {
             "specversion": "1.0",
-            "id": hashlib.blake2b(f"E{tn}{m['Type']}{m['Action']}{actor['ID']}".encode(),
-                                  digest_size=16).hexdigest(),
+            "id": hashlib.blake2b(
+                f"E{tn}{m['Type']}{m['Action']}{actor['ID']}".encode(), digest_size=16
+            ).hexdigest(),
             "source": "urn:docker:engine:E",
             "type": f"x.{m['Type']}.{action}",
             "time": tn,
             "datacontenttype": "application/json",
-            "data": {"type": m["Type"], "action": action, "action_detail": detail or None,
-                     "time_nano": tn, "actor": actor, "scope": m.get("scope")},
+            "data": {
+                "type": m["Type"],
+                "action": action,
+                "action_detail": detail or None,
+                "time_nano": tn,
+                "actor": actor,
+                "scope": m.get("scope"),
+            },
         }
         out += len(orjson.dumps(ce))
     return len(lines) / (time.perf_counter() - started)
@@ -90,16 +97,27 @@ def process_run(count: int, port: int, rate: float = 0.0) -> tuple[float, float,
     stand-in engine sends at `rate` events/s (0: as fast as the relay reads)."""
     with tempfile.TemporaryDirectory() as tmp:
         sock = f"{tmp}/engine.sock"
-        engine = subprocess.Popen([sys.executable, "-m", "bench.replay_engine", sock, str(count),
-                                   str(rate)],
-                                  cwd=REPO, stdout=subprocess.PIPE)
+        engine = subprocess.Popen(
+            [sys.executable, "-m", "bench.replay_engine", sock, str(count), str(rate)],
+            cwd=REPO,
+            stdout=subprocess.PIPE,
+        )
         assert engine.stdout is not None and engine.stdout.readline().strip() == b"ready"
         env = {k: v for k, v in os.environ.items() if not k.startswith("RELAY_")}
-        env.update(RELAY_ENGINE__HOST=f"unix://{sock}", RELAY_STATE_DIR=f"{tmp}/state",
-                   RELAY_HTTP__PORT=str(port), RELAY_HTTP__HOST="127.0.0.1")
+        env.update(
+            RELAY_ENGINE__HOST=f"unix://{sock}",
+            RELAY_STATE_DIR=f"{tmp}/state",
+            RELAY_HTTP__PORT=str(port),
+            RELAY_HTTP__HOST="127.0.0.1",
+        )
         started = time.perf_counter()
-        relay = subprocess.Popen([sys.executable, "-m", "relay", "run"], cwd=REPO, env=env,
-                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        relay = subprocess.Popen(
+            [sys.executable, "-m", "relay", "run"],
+            cwd=REPO,
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
         rss_start = 0.0
         try:
             while True:
@@ -129,8 +147,12 @@ def main() -> None:
     parser.add_argument("--events", type=int, default=100_000)
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--port", type=int, default=19478)
-    parser.add_argument("--paced-rate", type=float, default=5000.0,
-                        help="events/s of the paced run (a fast real engine emits ~1,400)")
+    parser.add_argument(
+        "--paced-rate",
+        type=float,
+        default=5000.0,
+        help="events/s of the paced run (a fast real engine emits ~1,400)",
+    )
     args = parser.parse_args()
     lines_nl = recorded_stream(args.events)
     lines = [line.rstrip(b"\n") for line in lines_nl]
@@ -147,20 +169,32 @@ def main() -> None:
         paced_rss.append(after)
     med = statistics.median
     print(f"events per run: {args.events}, runs: {args.runs} (medians; min-max)")
-    print(f"floor  (orjson hand-rolled)        : {med(floors):>10,.0f} events/s "
-          f"({min(floors):,.0f}-{max(floors):,.0f})")
-    print(f"relay  (framing+normalize+encode)  : {med(relays):>10,.0f} events/s "
-          f"({min(relays):,.0f}-{max(relays):,.0f})")
+    print(
+        f"floor  (orjson hand-rolled)        : {med(floors):>10,.0f} events/s "
+        f"({min(floors):,.0f}-{max(floors):,.0f})"
+    )
+    print(
+        f"relay  (framing+normalize+encode)  : {med(relays):>10,.0f} events/s "
+        f"({min(relays):,.0f}-{max(relays):,.0f})"
+    )
     ratios = [r / f for r, f in zip(relays, floors, strict=True)]
-    print(f"ratio relay/floor                  : {med(relays) / med(floors):.2f} "
-          f"(median of per-run ratios: {med(ratios):.2f})")
-    print(f"process end to end (stdout sink)   : {med(procs):>10,.0f} events/s "
-          f"({min(procs):,.0f}-{max(procs):,.0f}), includes start-up")
-    print(f"process RSS after {args.events:,} flooded events: {med(rsss):.1f} MB "
-          f"({min(rsss):.1f}-{max(rsss):.1f}); the backlog of a reader faster than the sink")
-    print(f"process RSS at {args.paced_rate:,.0f} events/s: {med(paced_start):.1f} MB at the first"
-          f" event, {med(paced_rss):.1f} MB after {args.events:,} "
-          f"({min(paced_rss):.1f}-{max(paced_rss):.1f})")
+    print(
+        f"ratio relay/floor                  : {med(relays) / med(floors):.2f} "
+        f"(median of per-run ratios: {med(ratios):.2f})"
+    )
+    print(
+        f"process end to end (stdout sink)   : {med(procs):>10,.0f} events/s "
+        f"({min(procs):,.0f}-{max(procs):,.0f}), includes start-up"
+    )
+    print(
+        f"process RSS after {args.events:,} flooded events: {med(rsss):.1f} MB "
+        f"({min(rsss):.1f}-{max(rsss):.1f}); the backlog of a reader faster than the sink"
+    )
+    print(
+        f"process RSS at {args.paced_rate:,.0f} events/s: {med(paced_start):.1f} MB at the first"
+        f" event, {med(paced_rss):.1f} MB after {args.events:,} "
+        f"({min(paced_rss):.1f}-{max(paced_rss):.1f})"
+    )
 
 
 if __name__ == "__main__":

@@ -61,14 +61,17 @@ async def timed(fn: Callable[[], Awaitable[None]]) -> float:
     return time.perf_counter() - start
 
 
-async def run_case(url: str, n: int, mode: str, concurrency: int, signed: bool) -> tuple[
-    float, float
-]:
+async def run_case(
+    url: str, n: int, mode: str, concurrency: int, signed: bool
+) -> tuple[float, float]:
     """(sink events/s, baseline events/s) for one run."""
     events = sample_events(n)
     max_batch = 100
     values: dict[str, object] = {
-        "url": url, "mode": mode, "concurrency": concurrency, "max_batch": max_batch,
+        "url": url,
+        "mode": mode,
+        "concurrency": concurrency,
+        "max_batch": max_batch,
     }
     if signed:
         values["secret"] = SECRET
@@ -118,8 +121,9 @@ async def run_case(url: str, n: int, mode: str, concurrency: int, signed: bool) 
                     await post(i)
 
             for start in range(0, len(bodies), max_batch):
-                await asyncio.gather(*(one(i) for i in range(start, min(start + max_batch,
-                                                                        len(bodies)))))
+                await asyncio.gather(
+                    *(one(i) for i in range(start, min(start + max_batch, len(bodies))))
+                )
 
         t_base = await timed(baseline)
     return n / t_sink, n / t_base
@@ -139,8 +143,9 @@ async def main() -> None:
         ("batch of 100", "batch", 1, False, args.events * 10),
         ("batch of 100, signed", "batch", 1, True, args.events * 10),
     ]
-    print(f"{'case':32} {'sink ev/s':>10} {'plain ev/s':>11} {'ratio':>6}   (median of "
-          f"{args.runs})")
+    print(
+        f"{'case':32} {'sink ev/s':>10} {'plain ev/s':>11} {'ratio':>6}   (median of {args.runs})"
+    )
     try:
         for label, mode, conc, signed, n in cases:
             await run_case(url, min(n, 500), mode, conc, signed)  # warm-up

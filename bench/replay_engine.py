@@ -36,8 +36,9 @@ async def serve(socket_path: str, count: int, rate: float = 0.0) -> None:
     body = recorded_stream(count)
 
     async def info(request: web.Request) -> web.Response:
-        return web.json_response({"ID": "BENCH:ENGINE", "Name": "bench",
-                                  "SystemTime": "2027-01-15T08:00:00.000000000Z"})
+        return web.json_response(
+            {"ID": "BENCH:ENGINE", "Name": "bench", "SystemTime": "2027-01-15T08:00:00.000000000Z"}
+        )
 
     async def version(request: web.Request) -> web.Response:
         return web.json_response({"Version": "28.5.2", "ApiVersion": "1.51"})
@@ -70,5 +71,6 @@ async def serve(socket_path: str, count: int, rate: float = 0.0) -> None:
 
 
 if __name__ == "__main__":
-    asyncio.run(serve(sys.argv[1], int(sys.argv[2]), float(sys.argv[3]) if len(sys.argv) > 3
-                      else 0.0))
+    asyncio.run(
+        serve(sys.argv[1], int(sys.argv[2]), float(sys.argv[3]) if len(sys.argv) > 3 else 0.0)
+    )

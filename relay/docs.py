@@ -56,8 +56,9 @@ def _rows(model: type[BaseModel], prefix: str, env_prefix: str | None) -> list[s
                 env = f"`{env_prefix}{key.upper()}`" if env_prefix is not None else ""
                 desc = field.description.replace("|", "\\|").replace("\n", " ")
                 rows.append(f"| `{path}` | {env} | {_default(field)} | {desc} |")
-            rows += _rows(sub, f"{path}.", None if env_prefix is None else
-                          f"{env_prefix}{key.upper()}__")
+            rows += _rows(
+                sub, f"{path}.", None if env_prefix is None else f"{env_prefix}{key.upper()}__"
+            )
             continue
         env = f"`{env_prefix}{key.upper()}`" if env_prefix is not None else ""
         desc = (field.description or "").replace("|", "\\|").replace("\n", " ")
@@ -78,13 +79,17 @@ def reference() -> str:
         "mapping with `type` and the settings below. |"
     )
     common = _rows(SinkConfigBase, "", None)
-    out += ["", "Every sink (in `sinks:`):", "", "| setting | default | meaning |",
-            "|---|---|---|"]
+    out += ["", "Every sink (in `sinks:`):", "", "| setting | default | meaning |", "|---|---|---|"]
     out += [_drop_env(row) for row in common]
     for config in get_args(get_args(SinkConfig)[0]):
         sink_type = config.model_fields["type"].default
-        out += ["", f"Sink `type: {sink_type}`:", "", "| setting | default | meaning |",
-                "|---|---|---|"]
+        out += [
+            "",
+            f"Sink `type: {sink_type}`:",
+            "",
+            "| setting | default | meaning |",
+            "|---|---|---|",
+        ]
         for row in _rows(config, "", None):
             if row.startswith("| `type` ") or row in common:
                 continue

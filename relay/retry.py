@@ -75,4 +75,3 @@ class RetryPolicy:
             wait_max=s.wait_max,
             wait_jitter=0.0,
         )
-

@@ -208,6 +208,7 @@ def load_settings(config_file: Path | None = None) -> Settings:
     data: dict[str, Any] = {}
     if config_file is not None:
         import yaml  # only when a file is given
+
         try:
             loaded = yaml.safe_load(config_file.read_text())
         except OSError as exc:

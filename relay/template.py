@@ -74,13 +74,10 @@ class Template:
                 continue
             if field == "" or field.isdigit():
                 raise ValueError(
-                    f"template {source!r}: positional placeholder {{{field}}}; name one of "
-                    f"{known}"
+                    f"template {source!r}: positional placeholder {{{field}}}; name one of {known}"
                 )
             if field not in allowed:
-                raise ValueError(
-                    f"template {source!r}: unknown field {{{field}}}; known: {known}"
-                )
+                raise ValueError(f"template {source!r}: unknown field {{{field}}}; known: {known}")
             if spec or conversion:
                 raise ValueError(
                     f"template {source!r}: {{{field}}} takes no format spec or conversion"

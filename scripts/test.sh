@@ -14,6 +14,7 @@ bash scripts/setup.sh
 
 echo "[test] ruff" >&2
 .venv/bin/ruff check relay sinks tests bench
+.venv/bin/ruff format --check relay sinks tests bench
 echo "[test] mypy --strict relay sinks" >&2
 .venv/bin/mypy
 echo "[test] pytest" >&2

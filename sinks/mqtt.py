@@ -537,9 +537,7 @@ class MqttSink(Sink):
             return event.json(), None
         if self.mode == "structured":
             return event.json(), self._structured_properties
-        properties = PackedProperties(
-            event.ce.datacontenttype, list(event.attributes().items())
-        )
+        properties = PackedProperties(event.ce.datacontenttype, list(event.attributes().items()))
         return event.data_json(), properties
 
     async def _wait_acks(

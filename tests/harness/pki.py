@@ -20,8 +20,12 @@ KEY_PASSWORD = "client-key-passphrase"
 # EC keys: generated in milliseconds, and every TLS peer here (stunnel, Mosquitto, aiohttp,
 # aiokafka, paho) takes them.
 _NEW_KEY = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
-_CA_EXT = ["-addext", "basicConstraints=critical,CA:TRUE",
-           "-addext", "keyUsage=critical,keyCertSign,cRLSign"]
+_CA_EXT = [
+    "-addext",
+    "basicConstraints=critical,CA:TRUE",
+    "-addext",
+    "keyUsage=critical,keyCertSign,cRLSign",
+]
 _LEAF_EXT = {
     "server": "subjectAltName=IP:127.0.0.1,DNS:localhost\nextendedKeyUsage=serverAuth\n",
     "client": "subjectAltName=DNS:relay\nextendedKeyUsage=clientAuth\n",
@@ -68,16 +72,54 @@ def _openssl(directory: Path, *args: str) -> None:
 
 
 def _ca(directory: Path, name: str) -> None:
-    _openssl(directory, "req", "-x509", *_NEW_KEY, *_CA_EXT, "-days", "2",
-             "-subj", f"/CN=relay test {name}", "-keyout", f"{name}.key", "-out", f"{name}.pem")
+    _openssl(
+        directory,
+        "req",
+        "-x509",
+        *_NEW_KEY,
+        *_CA_EXT,
+        "-days",
+        "2",
+        "-subj",
+        f"/CN=relay test {name}",
+        "-keyout",
+        f"{name}.key",
+        "-out",
+        f"{name}.pem",
+    )
 
 
 def _leaf(directory: Path, name: str) -> None:
     (directory / f"{name}.ext").write_text(_LEAF_EXT[name])
-    _openssl(directory, "req", *_NEW_KEY, "-subj", f"/CN=relay test {name}",
-             "-keyout", f"{name}.key", "-out", f"{name}.csr")
-    _openssl(directory, "x509", "-req", "-in", f"{name}.csr", "-CA", "ca.pem", "-CAkey", "ca.key",
-             "-CAcreateserial", "-days", "2", "-extfile", f"{name}.ext", "-out", f"{name}.pem")
+    _openssl(
+        directory,
+        "req",
+        *_NEW_KEY,
+        "-subj",
+        f"/CN=relay test {name}",
+        "-keyout",
+        f"{name}.key",
+        "-out",
+        f"{name}.csr",
+    )
+    _openssl(
+        directory,
+        "x509",
+        "-req",
+        "-in",
+        f"{name}.csr",
+        "-CA",
+        "ca.pem",
+        "-CAkey",
+        "ca.key",
+        "-CAcreateserial",
+        "-days",
+        "2",
+        "-extfile",
+        f"{name}.ext",
+        "-out",
+        f"{name}.pem",
+    )
 
 
 def make_pki(directory: Path) -> Pki:
@@ -100,8 +142,17 @@ def make_pki(directory: Path) -> Pki:
     _ca(directory, "other-ca")
     _leaf(directory, "server")
     _leaf(directory, "client")
-    _openssl(directory, "pkey", "-in", "client.key", "-aes256",
-             "-passout", f"pass:{KEY_PASSWORD}", "-out", "client-encrypted.key")
+    _openssl(
+        directory,
+        "pkey",
+        "-in",
+        "client.key",
+        "-aes256",
+        "-passout",
+        f"pass:{KEY_PASSWORD}",
+        "-out",
+        "client-encrypted.key",
+    )
     done.touch()
     return pki
 

@@ -32,7 +32,10 @@ class SignatureError(Exception):
 
 
 def verify_signature(
-    secret: bytes, header: str | None, body: bytes, tolerance: float = 300.0,
+    secret: bytes,
+    header: str | None,
+    body: bytes,
+    tolerance: float = 300.0,
     now: float | None = None,
 ) -> int:
     """Check `t=<unix>,v1=<hex>`: returns the timestamp, raises SignatureError otherwise.
@@ -83,7 +86,8 @@ class Recorded:
             return [json.loads(self.body)]
         # Binary mode: attributes from ce-* headers (percent-decoded), data from the body.
         event: dict[str, Any] = {
-            name[3:]: unquote(value) for name, value in self.headers.items()
+            name[3:]: unquote(value)
+            for name, value in self.headers.items()
             if name.startswith("ce-")
         }
         event["datacontenttype"] = ctype
@@ -150,7 +154,11 @@ class Receiver:
     # -- scripting -------------------------------------------------------------------------
 
     def fail(
-        self, status: int, *, times: int | None = None, headers: dict[str, str] | None = None,
+        self,
+        status: int,
+        *,
+        times: int | None = None,
+        headers: dict[str, str] | None = None,
         body: str = "",
     ) -> None:
         self._scripts.append(_Script(status=status, headers=headers or {}, body=body, times=times))
@@ -200,7 +208,9 @@ class Receiver:
             if self.secret is not None:
                 try:
                     verify_signature(
-                        self.secret, request.headers.get("X-Relay-Signature"), body,
+                        self.secret,
+                        request.headers.get("X-Relay-Signature"),
+                        body,
                         self.tolerance,
                     )
                 except SignatureError as exc:
@@ -224,7 +234,8 @@ class Receiver:
         return [e for r in self.delivered() for e in r.events()]
 
     async def wait_for_events(
-        self, count: int,
+        self,
+        count: int,
         # The deadline of the wait, as in harness.wait; checked there.
         timeout: float = 30.0,  # noqa: ASYNC109
         where: Callable[[dict[str, Any]], bool] | None = None,
@@ -233,17 +244,18 @@ class Receiver:
             got = [e for e in self.events() if where is None or where(e)]
             return got if len(got) >= count else None
 
-        result = await async_wait_for(
-            enough, timeout, message=f"{count} event(s) at the receiver"
-        )
+        result = await async_wait_for(enough, timeout, message=f"{count} event(s) at the receiver")
         assert result is not None
         return result
 
     async def wait_for_requests(
-        self, count: int, timeout: float = 30.0  # noqa: ASYNC109 - a deadline, as in harness.wait
+        self,
+        count: int,
+        timeout: float = 30.0,  # noqa: ASYNC109 - a deadline, as in harness.wait
     ) -> list[Recorded]:
         await async_wait_for(
-            lambda: len(self.requests) >= count, timeout,
+            lambda: len(self.requests) >= count,
+            timeout,
             message=f"{count} request(s) at the receiver",
         )
         return list(self.requests)

@@ -36,9 +36,15 @@ def tls_engine(
         spec.dockerd_path,
         tmp_path_factory.mktemp("tls-engine"),
         extra_args=[
-            "--host", f"tcp://127.0.0.1:{port}", "--tlsverify",
-            "--tlscacert", str(pki.ca), "--tlscert", str(pki.server_cert),
-            "--tlskey", str(pki.server_key),
+            "--host",
+            f"tcp://127.0.0.1:{port}",
+            "--tlsverify",
+            "--tlscacert",
+            str(pki.ca),
+            "--tlscert",
+            str(pki.server_cert),
+            "--tlskey",
+            str(pki.server_key),
         ],
     )
     engine.start()
@@ -55,17 +61,16 @@ def cert_path(directory: Path, ca: Path, pki: Pki) -> Path:
     return directory
 
 
-def start_relay(tmp_path: Path, name: str, env: dict[str, str]) -> tuple[
-    subprocess.Popen[bytes], Path, Path
-]:
+def start_relay(
+    tmp_path: Path, name: str, env: dict[str, str]
+) -> tuple[subprocess.Popen[bytes], Path, Path]:
     out, err = tmp_path / f"{name}.out", tmp_path / f"{name}.err"
-    base = {k: v for k, v in os.environ.items()
-            if not k.startswith(("RELAY_", "DOCKER_"))}
-    base.update(RELAY_STATE_DIR=str(tmp_path / f"{name}-state"), RELAY_HTTP__ENABLED="false",
-                **env)
+    base = {k: v for k, v in os.environ.items() if not k.startswith(("RELAY_", "DOCKER_"))}
+    base.update(RELAY_STATE_DIR=str(tmp_path / f"{name}-state"), RELAY_HTTP__ENABLED="false", **env)
     with out.open("wb") as stdout, err.open("wb") as stderr:
-        proc = subprocess.Popen([sys.executable, "-m", "relay", "run"], cwd=REPO, env=base,
-                                stdout=stdout, stderr=stderr)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "relay", "run"], cwd=REPO, env=base, stdout=stdout, stderr=stderr
+        )
     return proc, out, err
 
 
@@ -75,34 +80,57 @@ def test_docker_host_over_tls_with_client_certificates(
     engine, address = tls_engine
     good = cert_path(tmp_path / "certs", pki.ca, pki)
     wrong = cert_path(tmp_path / "wrong-certs", pki.other_ca, pki)
-    relay, out, err = start_relay(tmp_path, "good", {
-        "DOCKER_HOST": address, "DOCKER_TLS_VERIFY": "1", "DOCKER_CERT_PATH": str(good),
-    })
-    untrusting, _, bad_err = start_relay(tmp_path, "wrong-ca", {
-        "DOCKER_HOST": address, "DOCKER_TLS_VERIFY": "1", "DOCKER_CERT_PATH": str(wrong),
-    })
+    relay, out, err = start_relay(
+        tmp_path,
+        "good",
+        {
+            "DOCKER_HOST": address,
+            "DOCKER_TLS_VERIFY": "1",
+            "DOCKER_CERT_PATH": str(good),
+        },
+    )
+    untrusting, _, bad_err = start_relay(
+        tmp_path,
+        "wrong-ca",
+        {
+            "DOCKER_HOST": address,
+            "DOCKER_TLS_VERIFY": "1",
+            "DOCKER_CERT_PATH": str(wrong),
+        },
+    )
     try:
-        wait_for(lambda: b"connected" in err.read_bytes() or relay.poll() is not None,
-                 timeout=30, message="relay connected over TLS")
+        wait_for(
+            lambda: b"connected" in err.read_bytes() or relay.poll() is not None,
+            timeout=30,
+            message="relay connected over TLS",
+        )
         assert relay.poll() is None, err.read_text()
         engine.cli("volume", "create", "over-tls")
 
         def delivered() -> list[dict[str, object]]:
-            return [e for e in map(json.loads, out.read_text().splitlines())
-                    if e["data"]["actor"]["id"] == "over-tls"]
+            return [
+                e
+                for e in map(json.loads, out.read_text().splitlines())
+                if e["data"]["actor"]["id"] == "over-tls"
+            ]
 
         [event] = wait_for(delivered, timeout=30, message="the event, relayed over TLS")
         assert event["data"]["engine"]["api_version"] == engine.api_version  # type: ignore[index]
 
         # A relay that does not trust the engine's CA: a clear, retried error naming the
         # address, never a crash.
-        wait_for(lambda: b"reconnecting" in bad_err.read_bytes(), timeout=30,
-                 message="the wrong-CA relay logs its failure")
+        wait_for(
+            lambda: b"reconnecting" in bad_err.read_bytes(),
+            timeout=30,
+            message="the wrong-CA relay logs its failure",
+        )
         log = [json.loads(line) for line in bad_err.read_text().splitlines()]
         failure = next(r for r in log if "reconnecting" in r["message"])
         assert address in failure["message"]
-        assert "CERTIFICATE_VERIFY_FAILED" in failure["message"] or "certificate verify" in \
-            failure["message"]
+        assert (
+            "CERTIFICATE_VERIFY_FAILED" in failure["message"]
+            or "certificate verify" in failure["message"]
+        )
         assert untrusting.poll() is None
         assert not any("connected:" in r["message"] for r in log)
     finally:

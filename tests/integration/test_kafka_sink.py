@@ -42,8 +42,12 @@ LABEL = "com.example.kafka-test"
 def kafka_settings(bootstrap: str, **settings: Any) -> dict[str, Any]:
     """A Kafka sink's settings for tansu, whose memory storage cannot do InitProducerId
     (DESIGN.md section 5): no idempotent producer."""
-    return {"type": "kafka", "bootstrap_servers": bootstrap, "enable_idempotence": False,
-            **settings}
+    return {
+        "type": "kafka",
+        "bootstrap_servers": bootstrap,
+        "enable_idempotence": False,
+        **settings,
+    }
 
 
 def kafka_sink(bootstrap: str, **settings: Any) -> KafkaSink:
@@ -55,9 +59,7 @@ def unique(prefix: str = "t") -> str:
     return f"{prefix}{uuid.uuid4().hex[:10]}"
 
 
-def labelled_container(
-    engine: PrivateEngine, verb: str, name: str, run: str, *labels: str
-) -> None:
+def labelled_container(engine: PrivateEngine, verb: str, name: str, run: str, *labels: str) -> None:
     """`docker create` or `run` of a busybox `true` named `name`, labelled for this test run."""
     label_args = [arg for label in (f"{LABEL}={run}", *labels) for arg in ("--label", label)]
     engine.cli(verb, "--name", name, *label_args, "--network", "none", "busybox:latest", "true")

@@ -172,7 +172,10 @@ class _MqttContract(SinkContract):
         )
 
     async def read_back(
-        self, sink: Sink, ids: list[str], timeout: float  # noqa: ASYNC109 (the contract's)
+        self,
+        sink: Sink,
+        ids: list[str],
+        timeout: float,  # noqa: ASYNC109 (the contract's)
     ) -> list[dict[str, Any]]:
         wanted = set(ids)
         await async_wait_for(
@@ -222,8 +225,17 @@ async def test_engine_events_follow_the_binding(
         settings = relay_settings(engine.docker_host, tmp_path, sinks=[sink_config])
         async with running_relay(settings):
             engine.cli("volume", "create", volume)
-            engine.cli("run", "--name", container, "--label", "team=mqtt", "--network", "none",
-                       "busybox:latest", "true")
+            engine.cli(
+                "run",
+                "--name",
+                container,
+                "--label",
+                "team=mqtt",
+                "--network",
+                "none",
+                "busybox:latest",
+                "true",
+            )
             engine.cli("rm", container)
             engine.cli("volume", "rm", volume)
 
@@ -242,8 +254,11 @@ async def test_engine_events_follow_the_binding(
     container_actions = [a[1] for a in actions if a[0] == "container"]
     for expected in ("create", "start", "die", "destroy"):
         assert expected in container_actions
-    assert container_actions.index("create") < container_actions.index("die") < \
-        container_actions.index("destroy")
+    assert (
+        container_actions.index("create")
+        < container_actions.index("die")
+        < container_actions.index("destroy")
+    )
     for m in ours:
         event = m.structured()
         data = event["data"]
@@ -272,12 +287,16 @@ async def test_prune_events_arrive_with_reclaimed_bytes(
     root = prefix()
     sub = Subscriber(mosquitto.port, f"{root}/+/+/prune")
     recorder = Recorder()
-    sink = mqtt_sink(mosquitto.port, topic=root + "/{engine_name}/{type}/{action}",
-                     status_topic=root + "/status")
+    sink = mqtt_sink(
+        mosquitto.port, topic=root + "/{engine_name}/{type}/{action}", status_topic=root + "/status"
+    )
 
     def read() -> dict[str, int | None]:
-        return {e.ce.data.type: e.ce.data.reclaimed_bytes for e in recorder.events
-                if e.ce.data.action == "prune"}
+        return {
+            e.ce.data.type: e.ce.data.reclaimed_bytes
+            for e in recorder.events
+            if e.ce.data.action == "prune"
+        }
 
     def received() -> dict[str, int]:
         return {e["data"]["type"]: e["data"]["reclaimed_bytes"] for e in sub.events()}
@@ -288,7 +307,8 @@ async def test_prune_events_arrive_with_reclaimed_bytes(
             reported = prune_scenario(engine)
             await async_wait_for(
                 lambda: read().keys() == reported.keys() and received().keys() == read().keys(),
-                30, message="every prune event the relay read",
+                30,
+                message="every prune event the relay read",
             )
     finally:
         sub.close()
@@ -318,8 +338,9 @@ async def test_broker_restart_mid_stream_loses_no_qos1_event(
     root = prefix()
     sub = Subscriber(broker.port, f"{root}/#", client_id=f"sub-{root}", persistent=True)
     recorder = Recorder()
-    sink = mqtt_sink(broker.port, topic=root + "/{type}/{action}/{subject}",
-                     status_topic=root + "/status", qos=1)
+    sink = mqtt_sink(
+        broker.port, topic=root + "/{type}/{action}/{subject}", status_topic=root + "/status", qos=1
+    )
     made: list[str] = []
     stop = threading.Event()
 
@@ -343,23 +364,31 @@ async def test_broker_restart_mid_stream_loses_no_qos1_event(
                 broker.stop()
                 down_at = len(ours(recorder.events))
                 await async_wait_for(
-                    lambda: len(ours(recorder.events)) >= down_at + 20, 60,
+                    lambda: len(ours(recorder.events)) >= down_at + 20,
+                    60,
                     message="20 events read while the broker is down",
                 )
                 broker.start()
                 up_at = len(ours(recorder.events))
                 await async_wait_for(
-                    lambda: len(ours(recorder.events)) >= up_at + 20, 60,
+                    lambda: len(ours(recorder.events)) >= up_at + 20,
+                    60,
                     message="20 events read after the broker is back",
                 )
             finally:
                 stop.set()
                 producer.join()
-            await async_wait_for(lambda: len(ours(recorder.events)) == len(made), 30,
-                                 message="the relay read every volume create")
+            await async_wait_for(
+                lambda: len(ours(recorder.events)) == len(made),
+                30,
+                message="the relay read every volume create",
+            )
             read = ours(recorder.events)
-            await async_wait_for(lambda: set(read) <= set(sub.ids()), 60,
-                                 message="every event read reaches the subscriber")
+            await async_wait_for(
+                lambda: set(read) <= set(sub.ids()),
+                60,
+                message="every event read reaches the subscriber",
+            )
     finally:
         sub.close()
     assert sink.connects >= 2  # it did lose the broker and reconnect by itself
@@ -383,8 +412,11 @@ def _password_file(path: Path, user: str, password: str) -> Path:
     path.unlink(missing_ok=True)
     for n, (name, secret) in enumerate(((user, password), ("reader", READER_PASSWORD))):
         create = ["-c"] if n == 0 else []
-        subprocess.run(["mosquitto_passwd", "-b", *create, str(path), name, secret],
-                       check=True, capture_output=True)
+        subprocess.run(
+            ["mosquitto_passwd", "-b", *create, str(path), name, secret],
+            check=True,
+            capture_output=True,
+        )
     return path
 
 
@@ -401,27 +433,43 @@ def _secure_broker(make: Callable[..., Mosquitto], pki: Pki, passwd: Path) -> Mo
 
 
 def _secure_subscriber(port: int, topic: str, pki: Pki) -> Subscriber:
-    return Subscriber(port, topic, tls=pki.client_context(), username="reader",
-                      password=READER_PASSWORD, client_id=f"reader-{uuid.uuid4().hex[:8]}",
-                      persistent=True)
+    return Subscriber(
+        port,
+        topic,
+        tls=pki.client_context(),
+        username="reader",
+        password=READER_PASSWORD,
+        client_id=f"reader-{uuid.uuid4().hex[:8]}",
+        persistent=True,
+    )
 
 
 async def test_tls_client_certificate_and_password(
-    mosquitto_factory: Callable[..., Mosquitto], pki: Pki, tmp_path: Path,
+    mosquitto_factory: Callable[..., Mosquitto],
+    pki: Pki,
+    tmp_path: Path,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     secret = f"s3cret-{uuid.uuid4().hex[:6]}"
-    broker = _secure_broker(mosquitto_factory, pki, _password_file(tmp_path / "pw", "relay",
-                                                                   secret))
+    broker = _secure_broker(
+        mosquitto_factory, pki, _password_file(tmp_path / "pw", "relay", secret)
+    )
     (tmp_path / "secret").write_text(secret + "\n")
     (tmp_path / "key-secret").write_text(KEY_PASSWORD + "\n")
     root = prefix()
     sub = _secure_subscriber(broker.port, f"{root}/#", pki)
     # The client key is encrypted; both secrets come from files.
-    tls = pki.client_tls(key_file=str(pki.client_key_encrypted),
-                         key_password_file=str(tmp_path / "key-secret"))
-    sink = mqtt_sink(broker.port, topic=root + "/{type}/{action}", status_topic=root + "/status",
-                     tls=tls, username="relay", password_file=tmp_path / "secret")
+    tls = pki.client_tls(
+        key_file=str(pki.client_key_encrypted), key_password_file=str(tmp_path / "key-secret")
+    )
+    sink = mqtt_sink(
+        broker.port,
+        topic=root + "/{type}/{action}",
+        status_topic=root + "/status",
+        tls=tls,
+        username="relay",
+        password_file=tmp_path / "secret",
+    )
     for shown in (repr(sink.config), str(sink.describe())):
         assert secret not in shown and KEY_PASSWORD not in shown
     events = sample_events(10)
@@ -467,10 +515,16 @@ async def test_wrong_password_is_reported_and_retried_until_fixed(
     broker = _secure_broker(mosquitto_factory, pki, passwd)
     root = prefix()
     sub = _secure_subscriber(broker.port, f"{root}/#", pki)
-    config = MqttSinkConfig(name="secure", host="127.0.0.1", port=broker.port,
-                            topic=root + "/{type}/{action}/{subject}",
-                            status_topic=root + "/status", tls=pki.client_tls(),
-                            username="relay", password=wrong)
+    config = MqttSinkConfig(
+        name="secure",
+        host="127.0.0.1",
+        port=broker.port,
+        topic=root + "/{type}/{action}/{subject}",
+        status_topic=root + "/status",
+        tls=pki.client_tls(),
+        username="relay",
+        password=wrong,
+    )
     sink = config.build(SinkContext("node-pw"))
     assert isinstance(sink, MqttSink)
     caplog.set_level(logging.INFO)
@@ -483,7 +537,8 @@ async def test_wrong_password_is_reported_and_retried_until_fixed(
                 engine.cli("volume", "create", name)
             await async_wait_for(
                 lambda: any("refused the connection" in r.getMessage() for r in caplog.records),
-                20, message="the refusal logged",
+                20,
+                message="the refusal logged",
             )
             assert not worker.started
             refusals = [r for r in caplog.records if "refused the connection" in r.getMessage()]
@@ -496,7 +551,8 @@ async def test_wrong_password_is_reported_and_retried_until_fixed(
             _password_file(passwd, "relay", wrong)
             broker.restart()
             await async_wait_for(
-                lambda: {e["subject"] for e in sub.events()} >= set(names), 30,
+                lambda: {e["subject"] for e in sub.events()} >= set(names),
+                30,
                 message="held events delivered after the credentials became right",
             )
             await async_wait_for(lambda: relay.readiness()[0], 10, message="relay ready again")
@@ -504,8 +560,11 @@ async def test_wrong_password_is_reported_and_retried_until_fixed(
     finally:
         sub.close()
     assert wrong not in caplog.text and right not in caplog.text
-    own = [r.getMessage() for r in caplog.records if r.name == "relay.sink.secure" and
-           "refused the connection" in r.getMessage()]
+    own = [
+        r.getMessage()
+        for r in caplog.records
+        if r.name == "relay.sink.secure" and "refused the connection" in r.getMessage()
+    ]
     # The sink says it once per distinct refusal, not once per retry. An attempt that meets the
     # broker's restart ("closed before CONNACK") is another refusal, once too.
     assert len(own) == len(set(own)), own
@@ -515,8 +574,9 @@ async def test_wrong_password_is_reported_and_retried_until_fixed(
 # -- status and will -----------------------------------------------------------------------------
 
 
-def _relay_process(engine: PrivateEngine, state: Path, port: int, status: str
-                   ) -> subprocess.Popen[bytes]:
+def _relay_process(
+    engine: PrivateEngine, state: Path, port: int, status: str
+) -> subprocess.Popen[bytes]:
     env = engine.env()
     env.update(
         RELAY_ENGINE__HOST=engine.docker_host,
@@ -524,11 +584,25 @@ def _relay_process(engine: PrivateEngine, state: Path, port: int, status: str
         RELAY_HTTP__ENABLED="false",
         RELAY_NODE_NAME="will-node",
         RELAY_LOG__FORMAT="console",
-        RELAY_SINKS=json.dumps([{"type": "mqtt", "host": "127.0.0.1", "port": port,
-                                 "status_topic": status, "topic": "will/{type}/{action}"}]),
+        RELAY_SINKS=json.dumps(
+            [
+                {
+                    "type": "mqtt",
+                    "host": "127.0.0.1",
+                    "port": port,
+                    "status_topic": status,
+                    "topic": "will/{type}/{action}",
+                }
+            ]
+        ),
     )
-    return subprocess.Popen([sys.executable, "-m", "relay", "run"], cwd=REPO_ROOT, env=env,
-                            stdout=subprocess.DEVNULL, stderr=open(state / "relay.log", "ab"))
+    return subprocess.Popen(
+        [sys.executable, "-m", "relay", "run"],
+        cwd=REPO_ROOT,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=open(state / "relay.log", "ab"),
+    )
 
 
 def test_will_fires_when_the_relay_is_killed(

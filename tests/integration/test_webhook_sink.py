@@ -91,26 +91,37 @@ async def test_engine_events_arrive_signed_in_each_mode(
 ) -> None:
     receiver = await receivers(secret=SECRET.encode())
     settings = relay_settings(
-        engine.docker_host, tmp_path,
+        engine.docker_host,
+        tmp_path,
         sinks=[webhook(receiver, mode=mode, secret=SECRET, bearer_token="tok")],
     )
     prefix = f"mode-{uuid.uuid4().hex[:6]}"
     async with running_relay(settings) as relay:
         names = [new_volume(engine, prefix) for _ in range(5)]
         cname = f"{prefix}-c"
-        engine.cli("run", "--name", cname, "--label", "team=relay", "--network", "none",
-                   "busybox:latest", "true")
+        engine.cli(
+            "run",
+            "--name",
+            cname,
+            "--label",
+            "team=relay",
+            "--network",
+            "none",
+            "busybox:latest",
+            "true",
+        )
         await receiver.wait_for_events(
             6,
-            where=lambda e: e.get("subject", "").startswith(prefix)
-            and e["type"].endswith((".volume.create", ".container.die")),
+            where=lambda e: (
+                e.get("subject", "").startswith(prefix)
+                and e["type"].endswith((".volume.create", ".container.die"))
+            ),
         )
         assert delivered(relay) >= 6
     ours = [e for e in receiver.events() if e.get("subject", "").startswith(prefix)]
     creates = [e for e in ours if e["type"].endswith(".volume.create")]
     assert [e["subject"] for e in creates] == names
-    assert all(e["data"]["type"] == "volume" and e["data"]["action"] == "create"
-               for e in creates)
+    assert all(e["data"]["type"] == "volume" and e["data"]["action"] == "create" for e in creates)
     die = next(e for e in ours if e["type"].endswith(".container.die"))
     assert die["data"]["actor"]["labels"] == {"team": "relay"}
     assert die["data"]["actor"]["attributes"]["exitCode"] == "0"
@@ -128,8 +139,9 @@ async def test_engine_events_arrive_signed_in_each_mode(
     }[mode]
     assert {r.content_type for r in receiver.requests} == {expected_type}
     if mode == "binary":
-        assert all(r.headers["ce-id"] and r.headers["ce-specversion"] == "1.0"
-                   for r in receiver.requests)
+        assert all(
+            r.headers["ce-id"] and r.headers["ce-specversion"] == "1.0" for r in receiver.requests
+        )
     assert dead_letters(settings) == []
 
 
@@ -147,9 +159,11 @@ async def test_receiver_rejects_tampered_body_and_old_timestamp(
     assert tampered != good.body
     old = int(time.time()) - 3600
     async with aiohttp.ClientSession() as client:
+
         async def post(body: bytes, signature: str) -> tuple[int, str]:
-            async with client.post(receiver.url(), data=body,
-                                   headers={"X-Relay-Signature": signature}) as resp:
+            async with client.post(
+                receiver.url(), data=body, headers={"X-Relay-Signature": signature}
+            ) as resp:
                 return resp.status, await resp.text()
 
         assert await post(tampered, header) == (401, "bad signature: signature mismatch")
@@ -178,8 +192,11 @@ async def test_receiver_rejects_tampered_body_and_old_timestamp(
     ],
 )
 async def test_retryable_outcomes_are_retried_then_delivered(
-    engine: PrivateEngine, tmp_path: Path, receivers: ReceiverFactory,
-    script: Callable[[Receiver], None], expected_requests: int,
+    engine: PrivateEngine,
+    tmp_path: Path,
+    receivers: ReceiverFactory,
+    script: Callable[[Receiver], None],
+    expected_requests: int,
 ) -> None:
     receiver = await receivers()
     script(receiver)
@@ -189,7 +206,8 @@ async def test_retryable_outcomes_are_retried_then_delivered(
         await async_wait_for(lambda: delivered(relay) == 1, 20, message="delivered")
         assert relay.workers[0].ready
         retried = relay.metrics.registry.get_sample_value(
-            "relay_events_retried_total", {"sink": "webhook"})
+            "relay_events_retried_total", {"sink": "webhook"}
+        )
     assert len(receiver.requests) == expected_requests
     # The same event each time.
     assert {r.headers["ce-subject"] for r in receiver.requests} == {name}
@@ -217,7 +235,9 @@ async def test_retry_after_is_honoured(
 
 
 async def test_410_gone_stops_the_sink_loudly(
-    engine: PrivateEngine, tmp_path: Path, receivers: ReceiverFactory,
+    engine: PrivateEngine,
+    tmp_path: Path,
+    receivers: ReceiverFactory,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     receiver = await receivers()
@@ -230,8 +250,9 @@ async def test_410_gone_stops_the_sink_loudly(
         await async_wait_for(lambda: len(dead_letters(settings)) == 2, 20, message="dead letter")
         worker = relay.workers[0]
         assert worker.stopped_reason is not None and "410" in worker.stopped_reason
-        assert relay.metrics.registry.get_sample_value(
-            "relay_sink_stopped", {"sink": "webhook"}) == 1
+        assert (
+            relay.metrics.registry.get_sample_value("relay_sink_stopped", {"sink": "webhook"}) == 1
+        )
         ready, why = relay.readiness()
         assert not ready and "sink webhook stopped" in why and "410" in why
     # The receiver saw only the first event; the second never left the relay.
@@ -249,13 +270,22 @@ async def test_410_gone_stops_the_sink_loudly(
     [
         (400, {}, "missing field: data.type", ["400 Bad Request", "missing field: data.type"]),
         (404, {}, "no such hook", ["404 Not Found", "no such hook"]),
-        (302, {"Location": "http://127.0.0.1:1/elsewhere"}, "", ["302", "not followed",
-                                                                "/elsewhere"]),
+        (
+            302,
+            {"Location": "http://127.0.0.1:1/elsewhere"},
+            "",
+            ["302", "not followed", "/elsewhere"],
+        ),
     ],
 )
 async def test_other_4xx_and_redirects_are_dead_lettered_once(
-    engine: PrivateEngine, tmp_path: Path, receivers: ReceiverFactory,
-    status: int, headers: dict[str, str], body: str, words: list[str],
+    engine: PrivateEngine,
+    tmp_path: Path,
+    receivers: ReceiverFactory,
+    status: int,
+    headers: dict[str, str],
+    body: str,
+    words: list[str],
 ) -> None:
     receiver = await receivers()
     receiver.fail(status, times=1, headers=headers, body=body)
@@ -302,8 +332,9 @@ async def test_a_failing_actor_holds_back_only_its_own_events(
         with pytest.raises(PartialDeliveryError) as info:
             await sink.send(events)
     [refused] = [r for r in receiver.requests if r.status == 500]
-    key = next((e.ce.data.type, e.ce.data.actor.id) for e in events
-               if e.id == refused.headers["ce-id"])
+    key = next(
+        (e.ce.data.type, e.ce.data.actor.id) for e in events if e.id == refused.headers["ce-id"]
+    )
     chain = [i for i, e in enumerate(events) if (e.ce.data.type, e.ce.data.actor.id) == key]
     failures = info.value.failures
     assert sorted(failures) == chain
@@ -361,7 +392,8 @@ async def test_slow_webhook_does_not_hold_back_a_fast_one(
     fast = await receivers()
     only_volumes = {"types": ["volume"], "actions": ["create"]}
     settings = relay_settings(
-        engine.docker_host, tmp_path,
+        engine.docker_host,
+        tmp_path,
         sinks=[
             webhook(slow, name="slow", concurrency=1, filter=only_volumes),
             webhook(fast, name="fast", concurrency=1, filter=only_volumes),
@@ -390,12 +422,19 @@ async def test_prune_events_and_reclaimed_bytes_route(
     every_prune = await receivers(secret=SECRET.encode())
     big_prunes = await receivers()
     settings = relay_settings(
-        engine.docker_host, tmp_path,
+        engine.docker_host,
+        tmp_path,
         sinks=[
-            webhook(every_prune, name="prunes", mode="batch", secret=SECRET,
-                    filter={"actions": ["prune"]}),
-            webhook(big_prunes, name="fstrim",
-                    filter={"actions": ["prune"], "min_reclaimed_bytes": MiB}),
+            webhook(
+                every_prune,
+                name="prunes",
+                mode="batch",
+                secret=SECRET,
+                filter={"actions": ["prune"]},
+            ),
+            webhook(
+                big_prunes, name="fstrim", filter={"actions": ["prune"], "min_reclaimed_bytes": MiB}
+            ),
         ],
     )
     async with running_relay(settings):
@@ -466,7 +505,10 @@ class TestWebhookContract(SinkContract):
         return build(self.receiver, mode=self.mode, secret=SECRET)
 
     async def read_back(
-        self, sink: Sink, ids: list[str], timeout: float  # noqa: ASYNC109 - the contract's
+        self,
+        sink: Sink,
+        ids: list[str],
+        timeout: float,  # noqa: ASYNC109 - the contract's
     ) -> list[dict[str, Any]]:
         wanted = set(ids)
         got = await self.receiver.wait_for_events(

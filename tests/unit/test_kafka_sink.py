@@ -205,8 +205,7 @@ def test_tls_is_on_when_given_even_empty() -> None:
     assert c.security_protocol == "SSL"
     context = c.producer_options("n")["ssl_context"]
     assert context.verify_mode == ssl.CERT_REQUIRED and context.check_hostname
-    assert KafkaSink(c).describe()["tls"] == {"ca_file": None, "client_cert": False,
-                                              "verify": True}
+    assert KafkaSink(c).describe()["tls"] == {"ca_file": None, "client_cert": False, "verify": True}
     assert "ssl_context" not in KafkaSinkConfig(bootstrap_servers="a:1").producer_options("n")
     # The former switch is gone: `tls` present means TLS.
     with pytest.raises(ValidationError, match="enabled"):

@@ -42,7 +42,12 @@ def error_of(**settings: Any) -> str:
 def test_defaults() -> None:
     c = MqttSinkConfig()
     assert (c.host, c.effective_port, c.qos, c.protocol, c.effective_mode, c.retain) == (
-        "localhost", 1883, 1, "5", "binary", False
+        "localhost",
+        1883,
+        1,
+        "5",
+        "binary",
+        False,
     )
     assert c.persistent_session and c.topic == "docker/{engine_name}/{type}/{action}"
     sink = build()
@@ -100,7 +105,9 @@ def test_tls_settings_turn_tls_on_and_files_must_load(tmp_path: Path) -> None:
     assert c.tls.ssl_context().verify_mode == ssl.CERT_REQUIRED
     assert MqttSinkConfig(tls={}, port=1884).effective_port == 1884
     assert build(tls={"verify": False}).describe()["tls"] == {
-        "ca_file": None, "client_cert": False, "verify": False
+        "ca_file": None,
+        "client_cert": False,
+        "verify": False,
     }
     not_pem = tmp_path / "ca.pem"
     not_pem.write_text("x")

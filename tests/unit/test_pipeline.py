@@ -331,8 +331,7 @@ async def test_the_first_retry_waits_for_retry_after_too(tmp_path: Path) -> None
 
     sink = Stamping([RetryableSinkError("429", retry_after=0.3), None])
     worker, tracker, _, _ = make_worker(
-        sink, tmp_path, retry=RetrySettings(wait_initial=0.001, wait_max=0.002,
-                                            retry_after_max=5)
+        sink, tmp_path, retry=RetrySettings(wait_initial=0.001, wait_max=0.002, retry_after_max=5)
     )
     feed(worker, tracker, sample_events(1))
     await drain(worker)

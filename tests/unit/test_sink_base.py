@@ -65,9 +65,7 @@ def test_every_sink_takes_the_same_tls_settings(kind: str, pki: Pki, tmp_path: P
 
 
 @pytest.mark.parametrize("kind", sorted(SINKS))
-def test_encrypted_client_key_needs_the_right_password(
-    kind: str, pki: Pki, tmp_path: Path
-) -> None:
+def test_encrypted_client_key_needs_the_right_password(kind: str, pki: Pki, tmp_path: Path) -> None:
     encrypted = pki.client_tls(key_file=str(pki.client_key_encrypted))
     assert "the key is encrypted: set key_password" in any_sink_error(kind, tls=encrypted)
     assert "is key_password right?" in any_sink_error(
@@ -102,8 +100,12 @@ def _secret_settings(kind: str, pki: Pki) -> dict[str, tuple[tuple[str, ...], di
 
 
 SECRETS = [
-    ("kafka", "password"), ("kafka", "key_password"), ("mqtt", "password"),
-    ("mqtt", "key_password"), ("webhook", "secret"), ("webhook", "bearer_token"),
+    ("kafka", "password"),
+    ("kafka", "key_password"),
+    ("mqtt", "password"),
+    ("mqtt", "key_password"),
+    ("webhook", "secret"),
+    ("webhook", "bearer_token"),
     ("webhook", "key_password"),
 ]
 

@@ -51,7 +51,11 @@ def error_of(**values: Any) -> str:
 def test_defaults() -> None:
     c = make()
     assert (c.method, c.mode, c.max_batch, c.concurrency, c.timeout) == (
-        "POST", "binary", 100, 1, 10.0,
+        "POST",
+        "binary",
+        100,
+        1,
+        10.0,
     )
     assert c.sink_name == "webhook"
 
@@ -123,8 +127,15 @@ def test_describe_redacts_url_credentials_and_query() -> None:
 def test_yaml_style_settings_accept_a_webhook(tmp_path: Path) -> None:
     s = Settings(
         state_dir=tmp_path,
-        sinks=[{"type": "webhook", "url": URL, "mode": "batch", "max_batch": 50,
-                "filter": {"actions": ["prune"], "min_reclaimed_bytes": 1024}}],
+        sinks=[
+            {
+                "type": "webhook",
+                "url": URL,
+                "mode": "batch",
+                "max_batch": 50,
+                "filter": {"actions": ["prune"], "min_reclaimed_bytes": 1024},
+            }
+        ],
     )
     sink = s.sinks[0]
     assert isinstance(sink, WebhookSinkConfig)
@@ -191,8 +202,9 @@ def test_retry_after_seconds_date_and_garbage() -> None:
         assert parse_retry_after(bad, now) is None
 
 
-def outcome(status: int, body: bytes = b"", retry_after: str | None = None,
-            location: str | None = None) -> Any:
+def outcome(
+    status: int, body: bytes = b"", retry_after: str | None = None, location: str | None = None
+) -> Any:
     return classify(status, "Reason", "POST http://h/x", body, retry_after, location, "w")
 
 
