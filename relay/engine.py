@@ -95,6 +95,7 @@ class EngineReader:
         self.engine: Engine | None = None
         self.last_error: str | None = None
         self.lines_dropped = 0
+        self._born = time.monotonic()
 
     async def run(self) -> None:
         failures = 0
@@ -158,9 +159,13 @@ class EngineReader:
             if boundary is not None:
                 since = max(1, boundary - int(s.resume_margin * 1e9))
             else:
-                # Always pass `since`: the engine sends the response headers before it
-                # subscribes us, and events in between are only recovered by the replay.
-                since = _engine_now(info)
+                # A first start: from when the relay started (the engine's clock, less the
+                # time spent here since, so clock skew does not matter), which covers what
+                # happened while the sinks were connecting. Always pass `since`: the engine
+                # sends the response headers before it subscribes us, and events in between
+                # are only recovered by the replay.
+                waited = int((time.monotonic() - self._born) * 1e9)
+                since = max(1, _engine_now(info) - waited)
             params: dict[str, str] = {"since": since_param(since)}
             if s.filters:
                 params["filters"] = msgspec.json.encode(s.filters).decode()

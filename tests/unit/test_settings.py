@@ -143,3 +143,13 @@ def test_run_refuses_a_bad_config_with_exit_2(tmp_path: Path) -> None:
     assert bad.returncode == 2
     assert "retry.attempts" in bad.stderr
     assert bad.stdout == ""
+
+
+def test_readme_configuration_reference_is_current() -> None:
+    from relay.docs import reference
+
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    assert reference() in readme, (
+        "README.md's configuration reference differs from the settings: replace the block "
+        "between its BEGIN/END markers with the output of `python -m relay.docs`"
+    )
