@@ -43,7 +43,8 @@ class Relay:
         self.store = CheckpointStore(settings.state_dir)
         self.tracker = CheckpointTracker()
         self.policy = RetryPolicy(settings.retry)
-        self.queue: asyncio.Queue[QueueItem] = asyncio.Queue(settings.engine.queue_max)
+        # Unbounded as a queue: the reader bounds the lines it puts (engine.queue_max) itself.
+        self.queue: asyncio.Queue[QueueItem] = asyncio.Queue()
         if sinks is None:
             context = SinkContext(relay_id=settings.node_name or SinkContext().relay_id)
             configs: Sequence[SinkConfigBase] = settings.sinks or [StdoutSinkConfig()]
@@ -68,7 +69,6 @@ class Relay:
         self.reader = EngineReader(
             settings,
             self.queue,
-            lambda: self.dispatcher.cursor,
             self.dispatcher.resume_position(self.store),
             self.metrics,
         )

@@ -16,6 +16,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import re
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -82,13 +83,11 @@ class EngineReader:
         self,
         settings: Settings,
         queue: asyncio.Queue[QueueItem],
-        cursor: Callable[[], Position],
         resume: Callable[[str], Position | None],
         metrics: Metrics,
     ) -> None:
         self.settings = settings
         self.queue = queue
-        self._cursor = cursor
         self._resume = resume
         self.metrics = metrics
         self.connected = False
@@ -96,23 +95,27 @@ class EngineReader:
         self.last_error: str | None = None
         self.lines_dropped = 0
         self._born = time.monotonic()
+        self._ever_connected = False
 
     async def run(self) -> None:
         failures = 0
-        first = True
         address = engine_address(self.settings)
         while True:
             try:
-                await self._stream(first)
+                await self._stream()
                 raise SourceError("event stream ended")
-            except (
-                TimeoutError,
-                SourceError,
-                aiodocker.DockerError,
-                aiohttp.ClientError,
-                OSError,
-                ValueError,
-            ) as exc:
+            except Exception as exc:
+                # Every way a stream ends is a reconnect, an unforeseen one included (logged
+                # with its traceback): the reader never takes the relay down.
+                expected = isinstance(
+                    exc,
+                    TimeoutError
+                    | SourceError
+                    | aiodocker.DockerError
+                    | aiohttp.ClientError
+                    | OSError
+                    | ValueError,
+                )
                 was_connected = self.connected
                 self._set_connected(False)
                 failures = 1 if was_connected else failures + 1
@@ -123,22 +126,22 @@ class EngineReader:
                     self.settings.engine.reconnect_max,
                 )
                 # One line when the stream breaks, then one per 10 attempts while it stays down.
-                if was_connected or failures == 1 or failures % 10 == 0:
+                if was_connected or failures == 1 or failures % 10 == 0 or not expected:
                     log.warning(
                         "engine %s: %s; reconnecting (attempt %d, next in %.1fs)",
                         address,
                         self.last_error,
                         failures,
                         wait,
+                        exc_info=None if expected else exc,
                     )
-                first = False
                 await asyncio.sleep(wait)
 
     def _set_connected(self, value: bool) -> None:
         self.connected = value
         self.metrics.engine_connected.set(1 if value else 0)
 
-    async def _stream(self, first: bool) -> None:
+    async def _stream(self) -> None:
         s = self.settings.engine
         timeout = aiohttp.ClientTimeout(total=None, sock_read=None, sock_connect=s.connect_timeout)
         docker = aiodocker.Docker(url=s.host, timeout=timeout)
@@ -165,7 +168,7 @@ class EngineReader:
                 # sends the response headers before it subscribes us, and events in between
                 # are only recovered by the replay.
                 waited = int((time.monotonic() - self._born) * 1e9)
-                since = max(1, _engine_now(info) - waited)
+                since = max(1, engine_now(info) - waited)
             params: dict[str, str] = {"since": since_param(since)}
             if s.filters:
                 params["filters"] = msgspec.json.encode(s.filters).decode()
@@ -177,8 +180,9 @@ class EngineReader:
             ) as response:
                 self.engine = engine
                 self._set_connected(True)
-                if not first:
+                if self._ever_connected:
                     self.metrics.engine_reconnects.inc()
+                self._ever_connected = True
                 log.info(
                     "engine %s connected: id=%s name=%s version=%s api=%s since=%s",
                     engine_address(self.settings),
@@ -211,28 +215,29 @@ class EngineReader:
                 self._put(lines)
 
     def _put(self, item: QueueItem) -> None:
-        try:
-            self.queue.put_nowait(item)
-        except asyncio.QueueFull:
-            # The normalizer is far faster than any engine; this is a last-resort bound on
-            # memory, and it is counted.
-            if isinstance(item, list):
-                self.lines_dropped += len(item)
-                self.metrics.reader_lines_dropped.inc(len(item))
-                log.error("reader queue full: dropped %d line(s)", len(item))
+        # The bound applies to lines only: a Connected marker always goes in. The normalizer
+        # is far faster than any engine; this is a last-resort bound on memory, and counted.
+        if isinstance(item, list) and self.queue.qsize() >= self.settings.engine.queue_max:
+            self.lines_dropped += len(item)
+            self.metrics.reader_lines_dropped.inc(len(item))
+            log.error("reader queue full: dropped %d line(s)", len(item))
+            return
+        self.queue.put_nowait(item)
 
 
-def _engine_now(info: Mapping[str, Any]) -> int:
-    """The engine's clock from /info `SystemTime` (RFC 3339, ns), else ours."""
-    text = str(info.get("SystemTime") or "")
-    try:
-        head, _, frac = text.partition(".")
-        digits = "".join(ch for ch in frac if ch.isdigit())
-        tail = frac[len(digits) :]
-        stamp = datetime.fromisoformat(head + (tail if tail not in ("", "Z") else "+00:00"))
-        return int(stamp.timestamp()) * 10**9 + int((digits + "000000000")[:9])
-    except ValueError:
+_TIME = re.compile(
+    r"(?P<base>\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d)(?:\.(?P<frac>\d+))?(?P<tz>[Zz]|[+-]\d\d:\d\d)?"
+)
+
+
+def engine_now(info: Mapping[str, Any]) -> int:
+    """The engine's clock in ns, from /info `SystemTime` (RFC 3339 with up to ns), else ours."""
+    match = _TIME.fullmatch(str(info.get("SystemTime") or ""))
+    if match is None:
         return time.time_ns()
+    tz = match["tz"] or "Z"
+    stamp = datetime.fromisoformat(match["base"] + ("+00:00" if tz in "Zz" else tz))
+    return int(stamp.timestamp()) * 10**9 + int(((match["frac"] or "") + "0" * 9)[:9])
 
 
 class Dispatcher:

@@ -203,3 +203,28 @@ def test_line_framing_whatever_the_read_sizes() -> None:
         for i in range(0, len(stream), size):
             out += framer.feed(stream[i : i + size])
         assert out == lines, f"read size {size}"
+
+
+@pytest.mark.parametrize(
+    ("system_time", "expected"),
+    [
+        ("2026-11-30T04:54:02.123456789Z", 1796014442123456789),
+        ("2026-11-30T04:54:02.5Z", 1796014442500000000),
+        ("2026-11-30T04:54:02Z", 1796014442000000000),
+        ("2026-11-30T05:54:02.000000001+01:00", 1796014442000000001),
+    ],
+)
+def test_engine_clock_from_system_time(system_time: str, expected: int) -> None:
+    from relay.engine import engine_now
+
+    assert engine_now({"SystemTime": system_time}) == expected
+
+
+def test_engine_clock_falls_back_to_ours() -> None:
+    import time
+
+    from relay.engine import engine_now
+
+    before = time.time_ns()
+    assert before <= engine_now({"SystemTime": "yesterday"}) <= time.time_ns()
+    assert before <= engine_now({}) <= time.time_ns()
