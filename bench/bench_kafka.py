@@ -28,6 +28,7 @@ sys.path.insert(0, str(ROOT))
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer  # noqa: E402
 
+from bench.load import paced_volume_creates  # noqa: E402
 from relay.deadletter import DeadLetter  # noqa: E402
 from relay.metrics import Metrics  # noqa: E402
 from relay.outbox import SinkWorker  # noqa: E402
@@ -128,7 +129,6 @@ async def throughput(bootstrap: str, n: int, runs: int, batch: int, workdir: Pat
 
 
 async def latency(bootstrap: str, rate: int, seconds: float, workdir: Path) -> dict:
-    import aiohttp
 
     from tests.relay_harness import relay_settings, running_relay
 
@@ -172,30 +172,8 @@ async def latency(bootstrap: str, rate: int, seconds: float, workdir: Path) -> d
 
         async with running_relay(settings):
             reader = asyncio.create_task(consume())
-            conn = aiohttp.UnixConnector(path=str(engine.socket_path))
-            async with aiohttp.ClientSession(connector=conn) as http:
-                sent = 0
-                slots = asyncio.Semaphore(32)  # one client cannot reach 500/s serially
-
-                async def create(n: int) -> None:
-                    async with (
-                        slots,
-                        http.post(
-                            "http://docker/v1.41/volumes/create", json={"Name": f"lat{n}"}
-                        ) as resp,
-                    ):
-                        resp.raise_for_status()
-
-                tasks = []
-                t0 = time.monotonic()
-                while (elapsed := time.monotonic() - t0) < seconds:
-                    due = int(elapsed * rate) + 1
-                    while sent < due:
-                        tasks.append(asyncio.create_task(create(sent)))
-                        sent += 1
-                    await asyncio.sleep(max(0.0, sent / rate - (time.monotonic() - t0)))
-                await asyncio.gather(*tasks)
-                actual_rate = sent / (time.monotonic() - t0)
+            sent = int(rate * seconds)
+            actual_rate = await paced_volume_creates(engine.socket_path, rate, sent, "lat")
             deadline = time.monotonic() + 30
             while len(received) < sent and time.monotonic() < deadline:  # noqa: ASYNC110 - polls a consumer's progress
                 await asyncio.sleep(0.05)

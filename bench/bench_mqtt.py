@@ -32,6 +32,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
+from bench.load import paced_volume_creates
 from relay.deadletter import DeadLetter
 from relay.metrics import Metrics
 from relay.outbox import SinkWorker
@@ -116,7 +117,6 @@ def paho_run(port: int, events: list[Event]) -> float:
 
 
 async def latency(port: int, rate: float, seconds: float, workdir: Path) -> list[float]:
-    import aiohttp
 
     from relay.router import RouteFilter
     from tests.harness import PrivateEngine
@@ -147,30 +147,7 @@ async def latency(port: int, rate: float, seconds: float, workdir: Path) -> list
         ).build(SinkContext("bench"))
         settings = relay_settings(engine.docker_host, workdir / "state")
         async with running_relay(settings, sinks=[(sink, RouteFilter())]):
-            conn = aiohttp.UnixConnector(path=str(engine.socket_path))
-            async with aiohttp.ClientSession(connector=conn) as http:
-                loop = asyncio.get_running_loop()
-                start = loop.time()
-                slots = asyncio.Semaphore(32)
-
-                async def create(i: int) -> None:
-                    async with (
-                        slots,
-                        http.post(
-                            "http://docker/v1.41/volumes/create", json={"Name": f"lat-{i}"}
-                        ) as resp,
-                    ):
-                        resp.raise_for_status()
-
-                tasks = []
-                for i in range(total):
-                    # Paced: the i-th request leaves at start + i/rate, not after the last one.
-                    delay = start + i / rate - loop.time()
-                    if delay > 0:
-                        await asyncio.sleep(delay)
-                    tasks.append(asyncio.create_task(create(i)))
-                await asyncio.gather(*tasks)
-                achieved = total / (loop.time() - start)
+            achieved = await paced_volume_creates(engine.socket_path, rate, total, "lat")
             deadline = time.monotonic() + 60
             while len(arrivals) < total and time.monotonic() < deadline:  # noqa: ASYNC110 (paho thread fills it)
                 await asyncio.sleep(0.1)

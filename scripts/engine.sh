@@ -169,6 +169,11 @@ cmd_stop() {
         terminate "$cpid" containerd
     fi
     rm -f "$dir/docker.pid"
+    # dockerd leaves its network namespace files bind-mounted; unmounted, the directory can go.
+    local ns
+    for ns in "$dir"/exec/netns/*; do
+        if mountpoint -q "$ns" 2>/dev/null; then umount "$ns" 2>/dev/null || true; fi
+    done
 }
 
 case "${1:-}" in

@@ -430,6 +430,14 @@ class MqttSink(Sink):
                 raise RetryableSinkError(
                     f"broker {self.address} unreachable: {exc.strerror or exc}", sink=self.name
                 ) from exc
+            if code == _CLOSED_BEFORE_CONNACK:
+                # Not a refusal (a broker restarting, a proxy dropping us): an ordinary
+                # retryable failure, which the outbox reports once per burst.
+                self._abandon(client)
+                raise RetryableSinkError(
+                    f"broker {self.address} closed the connection before CONNACK: {reason}",
+                    sink=self.name,
+                )
             if code != 0:
                 self._abandon(client)
                 message = (
@@ -602,7 +610,7 @@ class MqttSink(Sink):
             self._state = _State.DISCONNECTED
         connack = self._connack
         if connack is not None and not connack.done():
-            connack.set_result((reason_code.value or 0x80, f"closed before CONNACK ({reason})"))
+            connack.set_result((_CLOSED_BEFORE_CONNACK, reason))
         lost = self._lost
         if lost is not None and not lost.done():
             lost.set_result(reason)
@@ -694,6 +702,9 @@ class MqttSink(Sink):
 
         self._call_in_loop(remove)
 
+
+# Not an MQTT reason code (those are 0-255): the connection closed before any CONNACK.
+_CLOSED_BEFORE_CONNACK = -1
 
 _TCP_QUICKACK: int | None = getattr(socket, "TCP_QUICKACK", None)
 
