@@ -198,7 +198,12 @@ class EngineReader:
                     exec_command=self.settings.schema_.exec_command,
                 )
                 self._put(Connected(normalizer, boundary))
-                await self._read(response)
+                try:
+                    await self._read(response)
+                finally:
+                    # Cancelled (shutdown) or cut: drop the connection itself, not back to a
+                    # pool, so nothing is left open for the garbage collector to complain of.
+                    response.close()
         finally:
             with contextlib.suppress(Exception):
                 await docker.close()
