@@ -11,10 +11,12 @@ import contextlib
 import logging
 import signal
 from collections.abc import Sequence
+from typing import Any
 
 from relay.checkpoint import CheckpointStore, CheckpointTracker, flush, flush_forever
 from relay.deadletter import DeadLetter
 from relay.engine import Dispatcher, EngineReader, QueueItem, engine_address
+from relay.errors import RelayError
 from relay.http import HttpServer
 from relay.metrics import Metrics
 from relay.outbox import SinkWorker
@@ -26,6 +28,9 @@ from sinks.base import Sink, SinkConfigBase, SinkContext
 from sinks.stdout import StdoutSinkConfig
 
 log = logging.getLogger("relay.app")
+
+# A sink that cannot close (a broker that never answers a goodbye) must not hold the exit.
+_CLOSE_TIMEOUT = 5.0
 
 
 class Relay:
@@ -110,11 +115,18 @@ class Relay:
         async with asyncio.TaskGroup() as tg:
             worker_tasks = [tg.create_task(w.run(), name=f"sink:{w.name}") for w in self.workers]
             # Sinks first: give them a bounded time to connect; one that cannot keeps trying
-            # in its worker while its outbox holds the events.
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(s.startup_timeout):
-                    for w in self.workers:
-                        await w.started_event.wait()
+            # in its worker while its outbox holds the events. A stop meanwhile ends the wait.
+            all_started: asyncio.Future[Any] = asyncio.ensure_future(
+                asyncio.gather(*(w.started_event.wait() for w in self.workers))
+            )
+            stopping: asyncio.Future[Any] = asyncio.ensure_future(stop.wait())
+            await asyncio.wait(
+                [all_started, stopping],
+                timeout=s.startup_timeout,
+                return_when=asyncio.FIRST_COMPLETED,
+            )
+            all_started.cancel()
+            stopping.cancel()
             for w in self.workers:
                 if not w.started:
                     log.warning(
@@ -151,7 +163,8 @@ class Relay:
                 task.cancel()
             for w in reversed(self.workers):
                 try:
-                    await w.sink.aclose()
+                    async with asyncio.timeout(_CLOSE_TIMEOUT):
+                        await w.sink.aclose()
                 except Exception:
                     log.exception("closing sink %s failed", w.name)
             flusher.cancel()
@@ -169,5 +182,9 @@ async def serve(settings: Settings) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     relay = Relay(settings)
-    await relay.run(stop)
+    try:
+        await relay.run(stop)
+    except RelayError as exc:
+        log.error("%s", exc)
+        return 1
     return 0

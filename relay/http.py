@@ -8,6 +8,7 @@ from collections.abc import Callable
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from relay.errors import RelayError
 from relay.metrics import Metrics
 
 log = logging.getLogger("relay.http")
@@ -32,7 +33,15 @@ class HttpServer:
         self._runner = web.AppRunner(app, access_log=None)
         await self._runner.setup()
         site = web.TCPSite(self._runner, self.host, self.port)
-        await site.start()
+        try:
+            await site.start()
+        except OSError as exc:
+            await self._runner.cleanup()
+            self._runner = None
+            raise RelayError(
+                f"http: cannot listen on {self.host}:{self.port}: {exc.strerror or exc} "
+                "(set RELAY_HTTP__PORT, or RELAY_HTTP__ENABLED=false)"
+            ) from exc
         self.bound_port = self._runner.addresses[0][1]
         log.info("serving /metrics, /healthz, /readyz on %s:%s", self.host, self.bound_port)
 

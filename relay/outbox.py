@@ -9,6 +9,7 @@ dropped (only with an explicit `drop_*` overflow policy). Every end counts for t
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections import deque
@@ -48,6 +49,7 @@ class Outbox:
         self._items: deque[Event] = deque()
         self._ready = asyncio.Event()
         self._closed = False
+        self._closed_event = asyncio.Event()
 
     def __len__(self) -> int:
         return len(self._items)
@@ -68,6 +70,10 @@ class Outbox:
         """No more puts; the worker drains what is left, then stops."""
         self._closed = True
         self._ready.set()
+        self._closed_event.set()
+
+    async def wait_closed(self) -> None:
+        await self._closed_event.wait()
 
     async def get_batch(self, max_events: int) -> list[Event]:
         """Up to `max_events` in order; waits while empty; [] once closed and drained."""
@@ -148,7 +154,17 @@ class SinkWorker:
 
     async def run(self) -> None:
         try:
-            await self._start()
+            starting = asyncio.ensure_future(self._start())
+            closed = asyncio.ensure_future(self.outbox.wait_closed())
+            await asyncio.wait([starting, closed], return_when=asyncio.FIRST_COMPLETED)
+            closed.cancel()
+            if not starting.done() and not self.outbox:
+                # Stopping while still connecting, with nothing to deliver: done.
+                starting.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await starting
+                return
+            await starting
             while True:
                 batch = await self.outbox.get_batch(self.sink.max_batch)
                 if not batch:

@@ -153,3 +153,69 @@ def test_readme_configuration_reference_is_current() -> None:
         "README.md's configuration reference differs from the settings: replace the block "
         "between its BEGIN/END markers with the output of `python -m relay.docs`"
     )
+
+
+def test_run_says_clearly_when_its_http_port_is_taken(tmp_path: Path) -> None:
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = run_cli(
+            "run",
+            env={
+                "RELAY_HTTP__HOST": "127.0.0.1",
+                "RELAY_HTTP__PORT": str(port),
+                "RELAY_STATE_DIR": str(tmp_path),
+                "RELAY_ENGINE__HOST": f"unix://{tmp_path}/no-engine.sock",
+            },
+        )
+    assert result.returncode == 1
+    assert f"http: cannot listen on 127.0.0.1:{port}" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_sigterm_while_sinks_connect_stops_at_once(tmp_path: Path) -> None:
+    import json
+    import os
+    import signal
+    import socket
+    import time
+
+    from tests.harness import wait_for
+
+    with socket.socket() as nobody:  # a port where nothing listens
+        nobody.bind(("127.0.0.1", 0))
+        dead_port = nobody.getsockname()[1]
+    err = tmp_path / "stderr"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RELAY_")}
+    env.update(
+        RELAY_HTTP__ENABLED="false",
+        RELAY_STATE_DIR=str(tmp_path),
+        RELAY_ENGINE__HOST=f"unix://{tmp_path}/no-engine.sock",
+        RELAY_STARTUP_TIMEOUT="60",
+        RELAY_SINKS=json.dumps([{"type": "mqtt", "host": "127.0.0.1", "port": dead_port}]),
+    )
+    with err.open("wb") as stderr:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "relay", "run"],
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=stderr,
+        )
+    try:
+        wait_for(
+            lambda: b"delivery failing" in err.read_bytes(),
+            timeout=30,
+            message="the sink failing to connect",
+        )
+        sent = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0
+        # Neither the 60 s start-up wait nor the 10 s drain deadline: nothing was queued.
+        assert time.monotonic() - sent < 5, "waited for a timeout"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert b"stopped; checkpoint" in err.read_bytes()
