@@ -234,15 +234,20 @@ def test_compose_wires_all_three_sinks_to_its_services(compose: dict[str, Any]) 
                 assert (REPO / source).exists(), f"{source} is mounted but missing"
 
 
-def test_compose_relay_config_passes_check_config() -> None:
-    result = subprocess.run(
-        [sys.executable, "-m", "relay", "--config", "deploy/compose/relay.yaml", "check-config"],
+def check_config(config: Path | str) -> subprocess.CompletedProcess[str]:
+    """`docker-event-relay check-config` on a file, with no RELAY_* variables around."""
+    return subprocess.run(
+        [sys.executable, "-m", "relay", "--config", str(config), "check-config"],
         cwd=REPO,
         capture_output=True,
         text=True,
         timeout=60,
         env={"PATH": "/usr/bin:/bin"},
     )
+
+
+def test_compose_relay_config_passes_check_config() -> None:
+    result = check_config("deploy/compose/relay.yaml")
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == (
         "configuration OK: sinks: kafka (kafka), mqtt (mqtt), webhook (webhook)"
@@ -407,14 +412,7 @@ def test_configmap_config_passes_check_config_with_the_secret_files(tmp_path: Pa
         (mounted / key).write_text(value)
     config = tmp_path / "relay.yaml"
     config.write_text(text.replace(secret_mount, str(mounted)))
-    result = subprocess.run(
-        [sys.executable, "-m", "relay", "--config", str(config), "check-config"],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        env={"PATH": "/usr/bin:/bin"},
-    )
+    result = check_config(config)
     assert result.returncode == 0, result.stderr
     assert "kafka (kafka), mqtt (mqtt), webhook (webhook)" in result.stdout
     for value in secret.values():
