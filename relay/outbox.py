@@ -75,13 +75,24 @@ class Outbox:
     async def wait_closed(self) -> None:
         await self._closed_event.wait()
 
-    async def get_batch(self, max_events: int) -> list[Event]:
-        """Up to `max_events` in order; waits while empty; [] once closed and drained."""
+    async def get_batch(self, max_events: int, linger: float = 0.0) -> list[Event]:
+        """Up to `max_events` in order; waits while empty; [] once closed and drained. With
+        `linger`, once there is an event, waits up to that many seconds for a full batch."""
         while not self._items:
             if self._closed:
                 return []
             self._ready.clear()
             await self._ready.wait()
+        if linger > 0 and len(self._items) < max_events:
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + linger
+            while len(self._items) < max_events and not self._closed:
+                self._ready.clear()
+                try:
+                    async with asyncio.timeout_at(deadline):
+                        await self._ready.wait()
+                except TimeoutError:
+                    break
         items = self._items
         n = min(max_events, len(items))
         return [items.popleft() for _ in range(n)]
@@ -166,7 +177,7 @@ class SinkWorker:
                 return
             await starting
             while True:
-                batch = await self.outbox.get_batch(self.sink.max_batch)
+                batch = await self.outbox.get_batch(self.sink.max_batch, self.sink.linger)
                 if not batch:
                     return
                 self._depth.set(len(self.outbox))

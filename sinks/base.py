@@ -65,9 +65,11 @@ class SinkConfigBase(BaseModel):
 class Sink(abc.ABC):
     """One destination. Not retried by itself; see the module docstring."""
 
-    def __init__(self, name: str, max_batch: int = 100) -> None:
+    def __init__(self, name: str, max_batch: int = 100, linger: float = 0.0) -> None:
         self.name = name
         self.max_batch = max_batch
+        # Seconds the outbox may wait, once it holds an event, for a batch of max_batch.
+        self.linger = linger
         self.log = logging.getLogger(f"relay.sink.{name}")
 
     @abc.abstractmethod

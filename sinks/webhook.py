@@ -79,8 +79,14 @@ class WebhookSinkConfig(SinkConfigBase):
         ge=1,
         le=10_000,
         description="Events handed to one send call; in batch mode, the most events in one "
-        "request. A batch holds what is queued when the sink is free: the relay never waits "
-        "to fill it.",
+        "request.",
+    )
+    max_wait: float = Field(
+        default=0.0,
+        ge=0,
+        le=60,
+        description="Batch mode: seconds to wait, once an event is queued, for max_batch "
+        "events before sending a smaller batch. 0: send what is queued when the sink is free.",
     )
     concurrency: int = Field(
         default=1,
@@ -272,7 +278,9 @@ class _State(Enum):
 
 class WebhookSink(Sink):
     def __init__(self, name: str, config: WebhookSinkConfig) -> None:
-        super().__init__(name, config.max_batch)
+        super().__init__(
+            name, config.max_batch, linger=config.max_wait if config.mode == "batch" else 0.0
+        )
         self.config = config
         self._url = str(config.url)
         self._where = f"{config.method} {redact_url(self._url)}"
@@ -293,6 +301,7 @@ class WebhookSink(Sink):
             "method": c.method,
             "mode": c.mode,
             "max_batch": c.max_batch,
+            "max_wait": c.max_wait,
             "concurrency": c.concurrency,
             "timeout": c.timeout,
             "headers": sorted(c.headers),

@@ -381,6 +381,22 @@ async def test_batch_mode_sends_the_batch_as_one_request(receivers: ReceiverFact
     assert receiver.events() == [structured(e) for e in events]
 
 
+async def test_batch_max_wait_gathers_engine_events_into_one_request(
+    engine: PrivateEngine, tmp_path: Path, receivers: ReceiverFactory
+) -> None:
+    receiver = await receivers()
+    settings = volume_create_settings(
+        engine, tmp_path, **webhook(receiver, mode="batch", max_batch=5, max_wait=20.0)
+    )
+    async with running_relay(settings):
+        names = [new_volume(engine, "mw") for _ in range(5)]
+        got = await receiver.wait_for_events(5)
+    # Five volumes created one after the other: one request of five, sent when the batch was
+    # full (long before the 20 s wait), in engine order.
+    assert len(receiver.requests) == 1
+    assert [e["subject"] for e in got] == names
+
+
 # -- a slow webhook does not delay the others ---------------------------------------------------
 
 

@@ -337,3 +337,33 @@ async def test_the_first_retry_waits_for_retry_after_too(tmp_path: Path) -> None
     await drain(worker)
     assert len(stamps) == 2
     assert stamps[1] - stamps[0] >= 0.3
+
+
+async def test_linger_waits_for_a_full_batch_but_not_longer() -> None:
+    from relay.outbox import Outbox
+
+    box = Outbox(100, "dead_letter", lambda e, o: None)
+    events = sample_events(7)
+    box.put(events[0])
+
+    async def trickle() -> None:
+        for e in events[1:5]:
+            await asyncio.sleep(0.01)
+            box.put(e)
+
+    feeder = asyncio.create_task(trickle())
+    batch = await box.get_batch(5, linger=5.0)
+    await feeder
+    assert [e.id for e in batch] == [e.id for e in events[:5]]  # full before the deadline
+
+    box.put(events[5])
+    started = time.monotonic()
+    batch = await box.get_batch(5, linger=0.2)
+    assert [e.id for e in batch] == [events[5].id]  # not full: sent at the deadline
+    assert 0.19 <= time.monotonic() - started < 2.0
+
+    box.put(events[6])
+    box.close()
+    started = time.monotonic()
+    assert [e.id for e in await box.get_batch(5, linger=5.0)] == [events[6].id]
+    assert time.monotonic() - started < 1.0  # closing ends the wait
