@@ -39,6 +39,7 @@ class DeadLetter:
     def _open(self) -> IO[bytes]:
         if self._file is None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
+            # Kept open for the process' life: one write and flush per dead letter.
             self._file = open(self.path, "ab")
         return self._file
 

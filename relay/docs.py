@@ -45,24 +45,26 @@ def _default(field: FieldInfo) -> str:
     return f"`{text}`"
 
 
+def _row(path: str, env: str | None, field: FieldInfo) -> str:
+    env_cell = f"`{env}`" if env is not None else ""
+    desc = (field.description or "").replace("|", "\\|").replace("\n", " ")
+    return f"| `{path}` | {env_cell} | {_default(field)} | {desc} |"
+
+
 def _rows(model: type[BaseModel], prefix: str, env_prefix: str | None) -> list[str]:
     rows: list[str] = []
     for name, field in model.model_fields.items():
         key = field.alias or name
         path = f"{prefix}{key}"
+        env = None if env_prefix is None else f"{env_prefix}{key.upper()}"
         sub = _model_of(field.annotation)
         if sub is not None and get_origin(field.annotation) is not list:
+            # A section: its own row only when it says something (e.g. `tls`), then its fields.
             if field.description:
-                env = f"`{env_prefix}{key.upper()}`" if env_prefix is not None else ""
-                desc = field.description.replace("|", "\\|").replace("\n", " ")
-                rows.append(f"| `{path}` | {env} | {_default(field)} | {desc} |")
-            rows += _rows(
-                sub, f"{path}.", None if env_prefix is None else f"{env_prefix}{key.upper()}__"
-            )
-            continue
-        env = f"`{env_prefix}{key.upper()}`" if env_prefix is not None else ""
-        desc = (field.description or "").replace("|", "\\|").replace("\n", " ")
-        rows.append(f"| `{path}` | {env} | {_default(field)} | {desc} |")
+                rows.append(_row(path, env, field))
+            rows += _rows(sub, f"{path}.", None if env is None else f"{env}__")
+        else:
+            rows.append(_row(path, env, field))
     return rows
 
 

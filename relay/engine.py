@@ -91,9 +91,7 @@ class EngineReader:
         self._resume = resume
         self.metrics = metrics
         self.connected = False
-        self.engine: Engine | None = None
         self.last_error: str | None = None
-        self.lines_dropped = 0
         self._born = time.monotonic()
         self._ever_connected = False
 
@@ -178,7 +176,6 @@ class EngineReader:
                 headers={"Accept": "application/x-ndjson"},
                 timeout=timeout,
             ) as response:
-                self.engine = engine
                 self._set_connected(True)
                 if self._ever_connected:
                     self.metrics.engine_reconnects.inc()
@@ -223,7 +220,6 @@ class EngineReader:
         # The bound applies to lines only: a Connected marker always goes in. The normalizer
         # is far faster than any engine; this is a last-resort bound on memory, and counted.
         if isinstance(item, list) and self.queue.qsize() >= self.settings.engine.queue_max:
-            self.lines_dropped += len(item)
             self.metrics.reader_lines_dropped.inc(len(item))
             log.error("reader queue full: dropped %d line(s)", len(item))
             return

@@ -48,14 +48,13 @@ class Outbox:
         self._on_evict = on_evict
         self._items: deque[Event] = deque()
         self._ready = asyncio.Event()
-        self._closed = False
-        self._closed_event = asyncio.Event()
+        self._closed = asyncio.Event()
 
     def __len__(self) -> int:
         return len(self._items)
 
     def put(self, event: Event) -> None:
-        if self._closed:
+        if self._closed.is_set():
             raise RuntimeError("outbox closed")
         if len(self._items) >= self.max_events:
             if self.overflow == "drop_oldest":
@@ -68,25 +67,24 @@ class Outbox:
 
     def close(self) -> None:
         """No more puts; the worker drains what is left, then stops."""
-        self._closed = True
+        self._closed.set()
         self._ready.set()
-        self._closed_event.set()
 
     async def wait_closed(self) -> None:
-        await self._closed_event.wait()
+        await self._closed.wait()
 
     async def get_batch(self, max_events: int, linger: float = 0.0) -> list[Event]:
         """Up to `max_events` in order; waits while empty; [] once closed and drained. With
         `linger`, once there is an event, waits up to that many seconds for a full batch."""
         while not self._items:
-            if self._closed:
+            if self._closed.is_set():
                 return []
             self._ready.clear()
             await self._ready.wait()
         if linger > 0 and len(self._items) < max_events:
             loop = asyncio.get_running_loop()
             deadline = loop.time() + linger
-            while len(self._items) < max_events and not self._closed:
+            while len(self._items) < max_events and not self._closed.is_set():
                 self._ready.clear()
                 try:
                     async with asyncio.timeout_at(deadline):
