@@ -34,7 +34,7 @@ from relay.metrics import Metrics  # noqa: E402
 from relay.outbox import SinkWorker  # noqa: E402
 from relay.retry import RetryPolicy  # noqa: E402
 from relay.settings import RetrySettings  # noqa: E402
-from sinks.base import SinkContext  # noqa: E402
+from relay.sink import SinkContext  # noqa: E402
 from sinks.kafka import KafkaSink, KafkaSinkConfig  # noqa: E402
 from tests.contract import sample_events  # noqa: E402
 from tests.harness import PrivateEngine, Tansu, known_engines  # noqa: E402

@@ -39,7 +39,7 @@ from relay.outbox import SinkWorker
 from relay.retry import RetryPolicy
 from relay.schema import Event
 from relay.settings import RetrySettings
-from sinks.base import SinkContext
+from relay.sink import SinkContext
 from sinks.mqtt import MqttSinkConfig, topic_template
 from tests.contract import sample_events
 from tests.harness import Mosquitto

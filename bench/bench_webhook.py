@@ -25,7 +25,7 @@ from aiohttp import web
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from sinks.base import SinkContext
+from relay.sink import SinkContext
 from sinks.webhook import (
     BATCH_CONTENT_TYPE,
     WebhookSinkConfig,

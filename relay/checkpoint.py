@@ -8,7 +8,6 @@ sinks still owe an answer; the checkpoint advances over the contiguous finished 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
 from collections import deque
@@ -16,6 +15,8 @@ from collections.abc import Iterable
 from pathlib import Path
 
 import msgspec
+
+from relay.lifecycle import TaskStatus
 
 log = logging.getLogger("relay.checkpoint")
 
@@ -159,29 +160,33 @@ class CheckpointTracker:
         return len(self._pending)
 
 
-async def flush_forever(
-    tracker: CheckpointTracker, store: CheckpointStore, interval: float
-) -> None:
-    """Write the checkpoint whenever it moved, at most every `interval` seconds (a timer, so
-    a busy relay writes a few times a second, not once per event)."""
-    try:
+class CheckpointWriter:
+    """The checkpoint component: writes the tracker's position whenever it moved, at most every
+    `interval` seconds (a timer, so a busy relay writes a few times a second, not once per
+    event). The final write, at shutdown or after a crash, is `flush()`."""
+
+    def __init__(self, tracker: CheckpointTracker, store: CheckpointStore, interval: float):
+        self.tracker = tracker
+        self.store = store
+        self.interval = interval
+
+    async def run(self, task_status: TaskStatus) -> None:
+        task_status.started()
+        tracker = self.tracker
         while True:
-            await asyncio.sleep(interval)
+            await asyncio.sleep(self.interval)
             if tracker.dirty and tracker.engine_id:
                 tracker.dirty = False
                 position = tracker.position.copy()
                 try:
-                    await asyncio.to_thread(store.save, tracker.engine_id, position)
+                    await asyncio.to_thread(self.store.save, tracker.engine_id, position)
                 except OSError as exc:
                     tracker.dirty = True
-                    log.error("cannot write checkpoint %s: %s", store.path, exc)
-    finally:
-        with contextlib.suppress(OSError):
-            flush(tracker, store)
+                    log.error("cannot write checkpoint %s: %s", self.store.path, exc)
 
-
-def flush(tracker: CheckpointTracker, store: CheckpointStore) -> None:
-    """Synchronous final write (shutdown)."""
-    if tracker.dirty and tracker.engine_id:
-        store.save(tracker.engine_id, tracker.position)
-        tracker.dirty = False
+    def flush(self) -> None:
+        """Synchronous final write."""
+        tracker = self.tracker
+        if tracker.dirty and tracker.engine_id:
+            self.store.save(tracker.engine_id, tracker.position)
+            tracker.dirty = False

@@ -38,16 +38,19 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(json_schema(), indent=2, sort_keys=True))
         return 0
 
-    from relay.settings import load_settings
+    from relay import plugins
 
     try:
-        settings = load_settings(args.config)
+        settings = plugins.load(args.config)
     except ConfigError as exc:
         print(f"docker-event-relay: configuration error: {exc}", file=sys.stderr)
         return 2
     if args.command == "check-config":
         sinks = settings.sinks
-        names = ", ".join(f"{s.sink_name} ({s.type})" for s in sinks) or "stdout (default)"
+        names = (
+            ", ".join(f"{s.sink_name} ({getattr(s, 'type', '?')})" for s in sinks)
+            or f"{plugins.DEFAULT_SINK} (default)"
+        )
         print(f"configuration OK: sinks: {names}")
         return 0
 
@@ -55,6 +58,6 @@ def main(argv: list[str] | None = None) -> int:
     from relay.app import serve
 
     try:
-        return asyncio.run(serve(settings))
+        return asyncio.run(serve(settings, plugins.build_sinks(settings)))
     except KeyboardInterrupt:
         return 130

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Callable
 
@@ -9,6 +10,7 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from relay.errors import RelayError
+from relay.lifecycle import TaskStatus
 from relay.metrics import Metrics
 
 log = logging.getLogger("relay.http")
@@ -24,6 +26,15 @@ class HttpServer:
         self.readiness = readiness
         self._runner: web.AppRunner | None = None
         self.bound_port: int | None = None
+
+    async def run(self, task_status: TaskStatus) -> None:
+        """The HTTP component: ready once the port is bound; serves until cancelled."""
+        await self.start()
+        try:
+            task_status.started()
+            await asyncio.Event().wait()
+        finally:
+            await self.aclose()
 
     async def start(self) -> None:
         app = web.Application()

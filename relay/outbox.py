@@ -9,7 +9,6 @@ dropped (only with an explicit `drop_*` overflow policy). Every end counts for t
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections import deque
@@ -24,10 +23,11 @@ from relay.errors import (
     SinkError,
     SinkStoppedError,
 )
+from relay.lifecycle import TaskStatus
 from relay.metrics import Metrics
 from relay.retry import RetryPolicy
 from relay.schema import Event
-from sinks.base import Sink
+from relay.sink import Sink, SinkState
 
 log = logging.getLogger("relay.outbox")
 
@@ -121,11 +121,9 @@ class SinkWorker:
         self.metrics = metrics
         self._on_done = on_done
         self.outbox = Outbox(outbox_max, overflow, self._evicted)
-        self.started = False
         self.stopped_reason: str | None = None
         self.failing_since: float | None = None
         self.last_error: str | None = None
-        self.started_event = asyncio.Event()
         self._delivered = metrics.events_delivered.labels(self.name)
         self._latency = metrics.delivery_latency.labels(self.name)
         self._depth = metrics.outbox_depth.labels(self.name)
@@ -161,38 +159,41 @@ class SinkWorker:
     def ready(self) -> bool:
         return self.started and self.stopped_reason is None and self.failing_since is None
 
-    async def run(self) -> None:
-        try:
-            starting = asyncio.ensure_future(self._start())
-            closed = asyncio.ensure_future(self.outbox.wait_closed())
+    @property
+    def started(self) -> bool:
+        return self.sink.state is SinkState.STARTED
+
+    async def run(self, task_status: TaskStatus) -> None:
+        """The worker component: start the sink (ready once it is), then deliver batches until
+        the outbox is closed and drained. The sink is closed by the relay, not here."""
+        if not await self._start():
+            return
+        task_status.started()
+        while True:
+            batch = await self.outbox.get_batch(self.sink.max_batch, self.sink.linger)
+            if not batch:
+                return
+            self._depth.set(len(self.outbox))
+            await self._deliver(batch)
+
+    async def _start(self) -> bool:
+        """Start the sink, retrying forever while its outbox holds the events. False when the
+        relay stopped meanwhile with nothing for this sink to deliver."""
+        async with asyncio.TaskGroup() as tg:
+            starting = tg.create_task(self._start_with_retries(), name=f"start:{self.name}")
+            closed = tg.create_task(self.outbox.wait_closed())
             await asyncio.wait([starting, closed], return_when=asyncio.FIRST_COMPLETED)
             closed.cancel()
             if not starting.done() and not self.outbox:
                 # Stopping while still connecting, with nothing to deliver: done.
                 starting.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await starting
-                return
-            await starting
-            while True:
-                batch = await self.outbox.get_batch(self.sink.max_batch, self.sink.linger)
-                if not batch:
-                    return
-                self._depth.set(len(self.outbox))
-                await self._deliver(batch)
-        finally:
-            self.started_event.set()
+                return False
+        return True
 
-    async def _start(self) -> None:
-        try:
-            async for attempt in self.policy.attempts():
-                with attempt:
-                    await self._start_once()
-        except SinkError as exc:
-            # Retries exhausted (a finite policy): keep trying at every batch instead.
-            self._failing(exc)
-        finally:
-            self.started_event.set()
+    async def _start_with_retries(self) -> None:
+        async for attempt in self.policy.start():
+            with attempt:
+                await self._start_once()
 
     async def _start_once(self) -> None:
         try:
@@ -203,23 +204,15 @@ class SinkWorker:
         except Exception as exc:
             self._failing(exc)
             raise RetryableSinkError(f"start failed: {exc!r}", sink=self.name) from exc
-        self.started = True
 
     async def _deliver(self, batch: list[Event]) -> None:
         pending = batch
         try:
-            try:
-                # The first attempt runs outside any retry context: creating one per batch
-                # costs more than delivering a small batch, and nearly every batch succeeds.
-                pending = await self._attempt(pending)
-            except RetryableSinkError as first:
-                if not self.policy.retries_after(1):
-                    raise
-                await asyncio.sleep(self.policy.wait_for(first, attempt=1))
-                async for attempt in self.policy.attempts(done=1):
-                    with attempt:
+            async for attempt in self.policy.delivery():
+                with attempt:
+                    if attempt.num > 1:
                         self._retried.inc(len(pending))
-                        pending = await self._attempt(pending)
+                    pending = await self._attempt(pending)
         except SinkStoppedError as exc:
             # This batch first, then what queued behind it: the file keeps engine order.
             self._dead_letter(pending, "sink_stopped", exc)
@@ -243,7 +236,7 @@ class SinkWorker:
         """One try. Returns [] when all are handled; raises with the still-pending ones kept in
         `pending` (mutated in place) when some must be retried."""
         try:
-            if not self.started:
+            if self.sink.state is SinkState.NEW:
                 await self._start_once()
             await self.sink.send(pending)
         except PartialDeliveryError as exc:

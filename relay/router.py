@@ -1,6 +1,10 @@
-"""Per-sink routing: which events each sink wants."""
+"""Per-sink routing: which events each sink wants (`RouteFilter`), and the table that hands
+each event to the targets whose filter it passes (`RouteTable`)."""
 
 from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Protocol
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -56,3 +60,18 @@ class RouteFilter(BaseModel):
 
 
 _CATCH_ALL = RouteFilter()
+
+
+class Target(Protocol):
+    """Where routed events go: a sink's outbox."""
+
+    def put(self, event: Event) -> None: ...
+
+
+class RouteTable:
+    def __init__(self, routes: Sequence[tuple[Target, RouteFilter]]) -> None:
+        # A catch-all filter is not evaluated at all: most sinks take every event.
+        self._routes = [(t, None if f.is_catch_all else f) for t, f in routes]
+
+    def targets(self, event: Event) -> list[Target]:
+        return [t for t, f in self._routes if f is None or f.matches(event)]

@@ -11,7 +11,6 @@ from typing import Any, Final, Literal
 
 import msgspec
 
-SCHEMA_MAJOR: Final = 1
 DATASCHEMA: Final = "urn:docker-event-relay:schema:v1"
 DEFAULT_TYPE_PREFIX: Final = "dev.docker-event-relay"
 

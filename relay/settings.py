@@ -20,7 +20,7 @@ from pydantic_settings import (
 from relay.errors import ConfigError
 from relay.normalize import ExecCommandMode
 from relay.schema import DEFAULT_TYPE_PREFIX
-from sinks.registry import SinkConfig
+from relay.sink import SinkConfigBase
 
 # The YAML file's content for the settings source below; pydantic-settings builds sources
 # per class, so the path cannot be passed per call otherwise. Set and reset around one load.
@@ -44,8 +44,6 @@ class EngineSettings(_Section):
         description="Engine-side filters, the keys of `docker events --filter` "
         "(type, event, label, container, image...).",
     )
-    reconnect_initial: float = Field(default=0.5, gt=0, description="First reconnect wait (s).")
-    reconnect_max: float = Field(default=30.0, gt=0, description="Longest reconnect wait (s).")
     resume_margin: float = Field(
         default=1.0,
         ge=0,
@@ -62,7 +60,8 @@ class EngineSettings(_Section):
 
 
 class RetrySettings(_Section):
-    """One policy for every sink: exponential backoff with full jitter."""
+    """One policy for engine reconnects, sink starts and deliveries: exponential backoff with
+    jitter (stamina)."""
 
     attempts: int | None = Field(
         default=None, ge=1, description="Attempts per batch before dead-lettering; empty: forever."
@@ -70,8 +69,15 @@ class RetrySettings(_Section):
     timeout: float | None = Field(
         default=None, gt=0, description="Seconds per batch before dead-lettering; empty: forever."
     )
-    wait_initial: float = Field(default=0.5, gt=0, description="Backoff base (s).")
-    wait_max: float = Field(default=30.0, gt=0, description="Backoff cap (s).")
+    wait_initial: float = Field(
+        default=0.5,
+        gt=0,
+        description="Wait after the first failed attempt (s); doubles after each.",
+    )
+    wait_max: float = Field(default=30.0, gt=0, description="Longest wait between attempts (s).")
+    wait_jitter: float = Field(
+        default=1.0, ge=0, description="Up to this many seconds, at random, added to each wait."
+    )
     retry_after_max: float = Field(
         default=300.0, gt=0, description="Longest Retry-After a destination may impose (s)."
     )
@@ -121,7 +127,9 @@ class Settings(BaseSettings):
     )
 
     engine: EngineSettings = Field(default_factory=EngineSettings)
-    sinks: list[SinkConfig] = Field(default_factory=list)
+    # The composition root (relay.plugins) narrows this to the union of the installed sink
+    # types, discriminated on `type`.
+    sinks: list[SinkConfigBase] = Field(default_factory=list)
     retry: RetrySettings = Field(default_factory=RetrySettings)
     outbox: OutboxSettings = Field(default_factory=OutboxSettings)
     schema_: SchemaSettings = Field(default_factory=SchemaSettings, alias="schema")
@@ -203,8 +211,9 @@ def _env_name(setting: str) -> str:
     return "RELAY_" + "__".join(p.upper() for p in head)
 
 
-def load_settings(config_file: Path | None = None) -> Settings:
-    """Read and validate the configuration; raise ConfigError naming the first bad setting."""
+def load_settings(config_file: Path | None = None, model: type[Settings] = Settings) -> Settings:
+    """Read and validate the configuration; raise ConfigError naming the first bad setting.
+    `model` is the Settings class with the installed sinks (`relay.plugins.settings_model()`)."""
     data: dict[str, Any] = {}
     if config_file is not None:
         import yaml  # only when a file is given
@@ -222,7 +231,7 @@ def load_settings(config_file: Path | None = None) -> Settings:
         data = loaded
     token = _yaml_data.set(data)
     try:
-        settings = Settings()
+        settings = model()
     except ValidationError as exc:
         err = exc.errors()[0]
         setting = _setting_name(tuple(err["loc"]))

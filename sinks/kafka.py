@@ -30,19 +30,21 @@ from typing import TYPE_CHECKING, Any, Final, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 
-from relay.errors import (
-    PartialDeliveryError,
+from relay.sink import (
+    Event,
     PermanentSinkError,
     RetryableSinkError,
+    Sink,
+    SinkConfigBase,
+    SinkContext,
     SinkError,
+    Template,
+    TlsSettings,
+    resolve_secret_files,
 )
-from relay.template import Template
-from sinks.base import Sink, SinkConfigBase, SinkContext, TlsSettings, resolve_secret_files
 
 if TYPE_CHECKING:
     from aiokafka import AIOKafkaProducer
-
-    from relay.schema import Event
 
 # Kafka's own rule for topic names (kafka.common.internals.Topic).
 _TOPIC_RE: Final = re.compile(r"[a-zA-Z0-9._-]{1,249}")
@@ -232,30 +234,12 @@ class KafkaSink(Sink):
         self._key = Template(config.key) if config.key else None
         self._binary = config.content_mode == "binary"
         self._producer: AIOKafkaProducer | None = None
-        self._closed = False
         self._reconnect = False
 
-    def describe(self) -> dict[str, Any]:
-        c = self.config
-        return {
-            "bootstrap_servers": ",".join(c.bootstrap_servers),
-            "topic": c.topic,
-            "key": c.key,
-            "content_mode": c.content_mode,
-            "acks": c.acks,
-            "idempotence": c.enable_idempotence,
-            "compression": c.compression,
-            "security_protocol": c.security_protocol,
-            "sasl_mechanism": c.sasl.mechanism if c.sasl else None,
-            "sasl_username": c.sasl.username if c.sasl else None,
-            "tls": c.tls.describe() if c.tls else None,
-        }
-
     async def start(self) -> None:
-        if self._closed:
-            raise PermanentSinkError("sink is closed", sink=self.name)
-        if self._producer is not None:
-            return
+        await self._connect()
+
+    async def _connect(self) -> None:
         from aiokafka import AIOKafkaProducer
         from aiokafka.errors import KafkaError
 
@@ -279,8 +263,6 @@ class KafkaSink(Sink):
         self._producer = producer
 
     async def send(self, batch: Sequence[Event]) -> None:
-        if self._closed:
-            raise PermanentSinkError("send after close", sink=self.name)
         if self._reconnect:
             # After a failed attempt, start over with a fresh client: its first send asks the
             # broker for the topic's metadata again. A broker that came back empty (tansu in
@@ -291,7 +273,7 @@ class KafkaSink(Sink):
             if producer is not None:
                 await _stop_quietly(producer)
         if self._producer is None:
-            await self.start()
+            await self._connect()
         producer = self._producer
         assert producer is not None
         from aiokafka.errors import KafkaError
@@ -339,15 +321,9 @@ class KafkaSink(Sink):
                     failures[index] = RetryableSinkError(
                         f"unexpected error from the producer: {result!r}", sink=self.name
                     )
-        if not failures:
-            return
         if any(isinstance(err, RetryableSinkError) for err in failures.values()):
             self._reconnect = True
-        if len(failures) == len(batch):
-            # Nothing went through and every event may: one plain retry, one log line.
-            if all(isinstance(err, RetryableSinkError) for err in failures.values()):
-                raise failures[0]
-        raise PartialDeliveryError(failures, sink=self.name)
+        self.fail(failures, len(batch))
 
     def encode(self, event: Event) -> tuple[str, bytes | None, bytes, list[tuple[str, bytes]]]:
         """Topic, key, value and headers of the record for `event` (CloudEvents Kafka binding)."""
@@ -425,7 +401,6 @@ class KafkaSink(Sink):
         return None
 
     async def aclose(self) -> None:
-        self._closed = True
         producer, self._producer = self._producer, None
         if producer is not None:
             await _stop_quietly(producer)

@@ -32,21 +32,25 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import Field, SecretStr, ValidationInfo, field_validator, model_validator
 
-from relay.errors import (
-    PartialDeliveryError,
+from relay.sink import (
+    EVENT_FIELDS,
+    Event,
     PermanentSinkError,
     RetryableSinkError,
+    Sink,
+    SinkConfigBase,
+    SinkContext,
     SinkError,
+    SinkState,
+    Template,
+    TlsSettings,
+    resolve_secret_files,
 )
-from relay.template import EVENT_FIELDS, Template
-from sinks.base import Sink, SinkConfigBase, SinkContext, TlsSettings, resolve_secret_files
 
 if TYPE_CHECKING:
     import paho.mqtt.client as mqtt
     from paho.mqtt.properties import Properties
     from paho.mqtt.reasoncodes import ReasonCode
-
-    from relay.schema import Event
 
 STRUCTURED_CONTENT_TYPE = "application/cloudevents+json"
 
@@ -207,13 +211,6 @@ _PERMANENT_PUBLISH_CODES = frozenset({0x87, 0x90, 0x95, 0x99})
 _AUTH_CONNACK_CODES = frozenset({0x84, 0x85, 0x86, 0x87, 0x8C, 4, 5})
 
 
-class _State:
-    NEW = "new"
-    CONNECTED = "connected"
-    DISCONNECTED = "disconnected"
-    CLOSED = "closed"
-
-
 class MqttSink(Sink):
     def __init__(self, config: MqttSinkConfig, context: SinkContext) -> None:
         super().__init__(config.sink_name, config.max_batch)
@@ -232,13 +229,14 @@ class MqttSink(Sink):
         self.address = f"{config.host}:{config.effective_port}"
         self.connects = 0
         """Successful connects so far (a reconnect after a loss counts again)."""
-        self._state = _State.NEW
+        self._connected = False
         self._client: mqtt.Client | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._loop_thread: int | None = None
         self._connack: asyncio.Future[tuple[int, str]] | None = None
         self._lost: asyncio.Future[str] | None = None
-        self._misc_task: asyncio.Task[None] | None = None
+        # Keepalive ticks: a timer on the event loop, not a task, so nothing outlives aclose().
+        self._misc_timer: asyncio.TimerHandle | None = None
         self._connect_lock = asyncio.Lock()
         # mid -> future of its acknowledgement (the reason code); event id -> that future,
         # for QoS 1/2 messages still in paho's session.
@@ -246,36 +244,17 @@ class MqttSink(Sink):
         self._inflight: dict[str, asyncio.Future[int]] = {}
         self._last_refusal: str | None = None
 
-    def describe(self) -> dict[str, Any]:
-        c = self.config
-        return {
-            "broker": self.address,
-            "protocol": c.protocol,
-            "mode": self.mode,
-            "topic": c.topic,
-            "qos": c.qos,
-            "retain": c.retain,
-            "client_id": self.client_id,
-            "status_topic": self.status_topic,
-            "tls": c.tls.describe() if c.tls is not None else None,
-            "username": c.username,
-        }
-
     # -- lifecycle -----------------------------------------------------------------------------
 
     async def start(self) -> None:
-        if self._state == _State.CLOSED:
-            raise PermanentSinkError("sink is closed", sink=self.name)
         if self._client is None:
             self._client = self._make_client()
         await self._connect()
 
     async def send(self, batch: Sequence[Event]) -> None:
-        if self._state == _State.CLOSED:
-            raise PermanentSinkError("sink is closed", sink=self.name)
         if self._client is None:
             self._client = self._make_client()
-        if self._state != _State.CONNECTED:
+        if not self._connected:
             await self._connect()
         if not batch:
             return
@@ -312,19 +291,11 @@ class MqttSink(Sink):
                     failures[index] = PermanentSinkError(text, sink=self.name)
                 else:
                     failures[index] = RetryableSinkError(text, sink=self.name)
-        if not failures:
-            return
-        if len(failures) == len(batch):
-            kinds = {type(e) for e in failures.values()}
-            if kinds == {RetryableSinkError}:
-                raise RetryableSinkError(str(next(iter(failures.values())).args[0]), sink=self.name)
-        raise PartialDeliveryError(failures, sink=self.name)
+        self.fail(failures, len(batch))
 
     async def aclose(self) -> None:
-        if self._state == _State.CLOSED:
-            return
-        was_connected = self._state == _State.CONNECTED
-        self._state = _State.CLOSED
+        was_connected = self._connected
+        self._connected = False
         client = self._client
         if client is None:
             return
@@ -400,7 +371,7 @@ class MqttSink(Sink):
 
     async def _connect(self) -> None:
         async with self._connect_lock:
-            if self._state in (_State.CONNECTED, _State.CLOSED):
+            if self._connected or self.state is SinkState.CLOSED:
                 return
             client = self._client
             assert client is not None
@@ -452,11 +423,9 @@ class MqttSink(Sink):
                     self._last_refusal = message
                 raise RetryableSinkError(message, sink=self.name)
             self._last_refusal = None
-            self._state = _State.CONNECTED
+            self._connected = True
             self.connects += 1
-            self._misc_task = loop.create_task(
-                self._misc_loop(client), name=f"mqtt-misc:{self.name}"
-            )
+            self._misc_timer = loop.call_later(_MISC_TICK, self._misc_tick, client)
             if self.connects > 1:
                 self.log.info("sink %s: reconnected to %s", self.name, self.address)
             if self.status_topic is not None:
@@ -469,7 +438,7 @@ class MqttSink(Sink):
 
     def _abandon(self, client: mqtt.Client) -> None:
         """Drop a connection attempt that did not end in CONNECTED."""
-        self._state = _State.DISCONNECTED
+        self._connected = False
         self._stop_io(client)
         with contextlib.suppress(Exception):
             # paho closes the socket at the next reconnect; close it now so no late CONNACK
@@ -479,21 +448,26 @@ class MqttSink(Sink):
                 sock.close()
 
     def _stop_io(self, client: mqtt.Client) -> None:
-        if self._misc_task is not None:
-            self._misc_task.cancel()
-            self._misc_task = None
+        self._stop_misc()
         sock = client.socket()
         if sock is not None and self._loop is not None:
             with contextlib.suppress(Exception):
                 self._loop.remove_reader(sock.fileno())
                 self._loop.remove_writer(sock.fileno())
 
-    async def _misc_loop(self, client: mqtt.Client) -> None:
+    def _misc_tick(self, client: mqtt.Client) -> None:
         import paho.mqtt.client as mqtt
 
         # Keepalive pings and the keepalive timeout live in loop_misc, which wants a tick.
-        while client.loop_misc() == mqtt.MQTT_ERR_SUCCESS:  # noqa: ASYNC110
-            await asyncio.sleep(1.0)
+        if client.loop_misc() == mqtt.MQTT_ERR_SUCCESS and self._loop is not None:
+            self._misc_timer = self._loop.call_later(_MISC_TICK, self._misc_tick, client)
+        else:
+            self._misc_timer = None
+
+    def _stop_misc(self) -> None:
+        if self._misc_timer is not None:
+            self._misc_timer.cancel()
+            self._misc_timer = None
 
     # -- publishing ----------------------------------------------------------------------------
 
@@ -605,18 +579,16 @@ class MqttSink(Sink):
         properties: Properties | None,
     ) -> None:
         reason = f"connection to {self.address} lost: {reason_code.getName()}"
-        if self._state == _State.CONNECTED:
+        if self._connected:
             self.log.warning("sink %s: %s; reconnecting at the next send", self.name, reason)
-            self._state = _State.DISCONNECTED
+            self._connected = False
         connack = self._connack
         if connack is not None and not connack.done():
             connack.set_result((_CLOSED_BEFORE_CONNACK, reason))
         lost = self._lost
         if lost is not None and not lost.done():
             lost.set_result(reason)
-        if self._misc_task is not None:
-            self._misc_task.cancel()
-            self._misc_task = None
+        self._stop_misc()
 
     def _on_publish(
         self,
@@ -702,6 +674,9 @@ class MqttSink(Sink):
 
         self._call_in_loop(remove)
 
+
+# Seconds between keepalive bookkeeping ticks (paho's loop_misc).
+_MISC_TICK = 1.0
 
 # Not an MQTT reason code (those are 0-255): the connection closed before any CONNACK.
 _CLOSED_BEFORE_CONNACK = -1

@@ -3,20 +3,24 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import io
 import os
 import stat
 import sys
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, BinaryIO, Literal
+from typing import BinaryIO, Literal
 
 from pydantic import Field
 
-from relay.errors import PermanentSinkError, RetryableSinkError
-from sinks.base import Sink, SinkConfigBase, SinkContext
-
-if TYPE_CHECKING:
-    from relay.schema import Event
+from relay.sink import (
+    Event,
+    PermanentSinkError,
+    RetryableSinkError,
+    Sink,
+    SinkConfigBase,
+    SinkContext,
+)
 
 
 class StdoutSinkConfig(SinkConfigBase):
@@ -30,12 +34,10 @@ class StdoutSinkConfig(SinkConfigBase):
 class StdoutSink(Sink):
     def __init__(self, name: str, max_batch: int, stream: BinaryIO | None = None) -> None:
         super().__init__(name, max_batch)
-        self._stream = stream
+        self._stream = stream or sys.stdout.buffer
         self._regular_file = False
 
     async def start(self) -> None:
-        if self._stream is None:
-            self._stream = sys.stdout.buffer
         try:
             self._regular_file = stat.S_ISREG(os.fstat(self._stream.fileno()).st_mode)
         except (OSError, ValueError, io.UnsupportedOperation):
@@ -43,8 +45,6 @@ class StdoutSink(Sink):
 
     async def send(self, batch: Sequence[Event]) -> None:
         stream = self._stream
-        if stream is None:
-            raise RetryableSinkError("not started", sink=self.name)
         payload = b"".join([event.json() + b"\n" for event in batch])
         try:
             if self._regular_file:
@@ -60,12 +60,9 @@ class StdoutSink(Sink):
             raise RetryableSinkError(f"stdout write failed: {exc}", sink=self.name) from exc
 
     async def aclose(self) -> None:
-        stream, self._stream = self._stream, None
-        if stream is not None:
-            try:
-                await asyncio.to_thread(stream.flush)
-            except OSError:
-                pass
+        # The stream is the process's stdout (or the caller's): flushed, never closed here.
+        with contextlib.suppress(OSError, ValueError):
+            await asyncio.to_thread(self._stream.flush)
 
 
 def _write(stream: BinaryIO, payload: bytes) -> None:

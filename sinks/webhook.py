@@ -22,26 +22,27 @@ import re
 import ssl
 import time
 from collections.abc import Sequence
-from enum import Enum
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Literal
 from urllib.parse import urlsplit
 
 from pydantic import AnyHttpUrl, Field, SecretStr, field_validator, model_validator
 
-from relay.errors import (
-    PartialDeliveryError,
+from relay.sink import (
+    Event,
     PermanentSinkError,
     RetryableSinkError,
+    Sink,
+    SinkConfigBase,
+    SinkContext,
     SinkError,
     SinkStoppedError,
+    TlsSettings,
+    resolve_secret_files,
 )
-from sinks.base import Sink, SinkConfigBase, SinkContext, TlsSettings, resolve_secret_files
 
 if TYPE_CHECKING:
     import aiohttp
-
-    from relay.schema import Event
 
 USER_AGENT = "docker-event-relay/0.1"
 STRUCTURED_CONTENT_TYPE = "application/cloudevents+json; charset=utf-8"
@@ -270,12 +271,6 @@ def chains(batch: Sequence[Event]) -> list[list[int]]:
 # -- the sink --------------------------------------------------------------------------------
 
 
-class _State(Enum):
-    NEW = "new"
-    OPEN = "open"
-    CLOSED = "closed"
-
-
 class WebhookSink(Sink):
     def __init__(self, name: str, config: WebhookSinkConfig) -> None:
         super().__init__(
@@ -286,7 +281,6 @@ class WebhookSink(Sink):
         self._where = f"{config.method} {redact_url(self._url)}"
         self._secret = config.secret.get_secret_value().encode() if config.secret else None
         self._session: aiohttp.ClientSession | None = None
-        self._state = _State.NEW
         self._gone: str | None = None
         self._static_headers: dict[str, str] = {"User-Agent": USER_AGENT, **config.headers}
         if config.bearer_token is not None:
@@ -294,27 +288,7 @@ class WebhookSink(Sink):
                 f"Bearer {config.bearer_token.get_secret_value()}"
             )
 
-    def describe(self) -> dict[str, Any]:
-        c = self.config
-        return {
-            "url": redact_url(self._url),
-            "method": c.method,
-            "mode": c.mode,
-            "max_batch": c.max_batch,
-            "max_wait": c.max_wait,
-            "concurrency": c.concurrency,
-            "timeout": c.timeout,
-            "headers": sorted(c.headers),
-            "bearer_token": c.bearer_token is not None,
-            "signed": c.secret is not None,
-            "tls": c.tls.describe() if c.tls is not None else None,
-        }
-
     async def start(self) -> None:
-        if self._state is _State.CLOSED:
-            raise PermanentSinkError("sink is closed", sink=self.name)
-        if self._state is _State.OPEN:
-            return
         import aiohttp
 
         ssl_arg: ssl.SSLContext | bool = True
@@ -328,18 +302,15 @@ class WebhookSink(Sink):
             # Proxies from the environment would be a silent surprise for a relay.
             trust_env=False,
         )
-        self._state = _State.OPEN
 
     async def aclose(self) -> None:
-        self._state = _State.CLOSED
         session, self._session = self._session, None
         if session is not None:
             await session.close()
 
     async def send(self, batch: Sequence[Event]) -> None:
         session = self._session
-        if self._state is not _State.OPEN or session is None:
-            raise RetryableSinkError(f"sink is {self._state.value}", sink=self.name)
+        assert session is not None, "the lifecycle guard admits a send only once started"
         if self._gone is not None:
             raise SinkStoppedError(self._gone, sink=self.name)
         if not batch:
@@ -352,11 +323,9 @@ class WebhookSink(Sink):
 
     async def _send_chains(self, session: aiohttp.ClientSession, batch: Sequence[Event]) -> None:
         failures: dict[int, SinkError] = {}
-        delivered = 0
         limit = asyncio.Semaphore(self.config.concurrency)
 
         async def run_chain(indexes: list[int]) -> None:
-            nonlocal delivered
             async with limit:
                 for pos, index in enumerate(indexes):
                     if self._gone is not None:
@@ -380,8 +349,6 @@ class WebhookSink(Sink):
                         return
                     except SinkError as exc:
                         failures[index] = exc
-                    else:
-                        delivered += 1
 
         # One request at a time means engine order across actors too: one chain of everything.
         groups = [list(range(len(batch)))] if self.config.concurrency == 1 else chains(batch)
@@ -391,24 +358,7 @@ class WebhookSink(Sink):
             async with asyncio.TaskGroup() as tg:
                 for group in groups:
                     tg.create_task(run_chain(group))
-        if not failures:
-            return
-        retryable = [e for e in failures.values() if isinstance(e, RetryableSinkError)]
-        waits = [e.retry_after for e in retryable if e.retry_after is not None]
-        if waits:
-            # The outbox takes the wait of the first retryable failure: make it the longest.
-            for err in retryable:
-                err.retry_after = max(waits)
-        if delivered == 0:
-            # One error stands for the whole batch: raise it as it is.
-            first = failures[min(failures)]
-            if (
-                len(failures) == 1
-                or len(retryable) == len(failures)
-                or all(isinstance(e, SinkStoppedError) for e in failures.values())
-            ):
-                raise first
-        raise PartialDeliveryError(failures, sink=self.name)
+        self.fail(failures, len(batch))
 
     async def _post_event(self, session: aiohttp.ClientSession, event: Event) -> None:
         if self.config.mode == "binary":

@@ -15,22 +15,21 @@ from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 from typing import Any
 
+from relay import plugins
 from relay.app import Relay
 from relay.router import RouteFilter
 from relay.schema import Event
 from relay.settings import Settings
-from sinks.base import Sink
-
-# Fast but real backoff for tests: retries happen, waits stay short.
-FAST_RETRY = {"wait_initial": 0.05, "wait_max": 0.5, "retry_after_max": 5.0}
+from relay.sink import Sink
 
 
 def relay_settings(docker_host: str, state_dir: Path, **overrides: Any) -> Settings:
+    """The defaults users run (the retry policy's waits included), on a private engine and
+    state directory, without the HTTP port."""
     values: dict[str, Any] = {
-        "engine": {"host": docker_host, "reconnect_initial": 0.1, "reconnect_max": 1.0},
+        "engine": {"host": docker_host},
         "state_dir": state_dir,
         "http": {"enabled": False},
-        "retry": FAST_RETRY,
         "checkpoint_interval": 0.05,
         "drain_timeout": 5.0,
         "startup_timeout": 5.0,
@@ -40,7 +39,7 @@ def relay_settings(docker_host: str, state_dir: Path, **overrides: Any) -> Setti
             values[key] = {**values[key], **value}
         else:
             values[key] = value
-    settings = Settings(**values)
+    settings = plugins.settings_model()(**values)
     settings.check()
     return settings
 
@@ -97,7 +96,10 @@ class RelayThread:
     async def _run(self) -> None:
         self.loop = asyncio.get_running_loop()
         self._stop = asyncio.Event()
-        self.relay = Relay(self.settings, sinks=self._sinks)
+        sinks = self._sinks
+        if sinks is None:
+            sinks = plugins.build_sinks(self.settings)
+        self.relay = Relay(self.settings, sinks)
         self._ready.set()
         await self.relay.run(self._stop)
 

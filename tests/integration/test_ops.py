@@ -22,7 +22,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from relay.app import Relay
 from relay.router import RouteFilter
-from sinks.base import SinkContext
+from relay.sink import SinkContext
 from sinks.stdout import StdoutSink
 from sinks.webhook import WebhookSinkConfig
 from tests.harness import (

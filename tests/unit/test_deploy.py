@@ -18,7 +18,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from relay.settings import load_settings
+from relay.plugins import load as load_settings
 
 REPO = Path(__file__).resolve().parents[2]
 K8S = REPO / "deploy" / "kubernetes"

@@ -1,7 +1,8 @@
 """Routing, checkpoint bookkeeping, outbox overflow and the retry/dead-letter outcomes.
 
 The sinks here are scripted stand-ins: these tests check the pure logic of the outbox and the
-retry policy. Real destinations are proven in tests/integration.
+retry policy. Real destinations are proven in tests/integration. Backoff waits are turned off
+with stamina's testing mode (the `no_waits` fixture), except where a wait is what is tested.
 """
 
 from __future__ import annotations
@@ -9,11 +10,12 @@ from __future__ import annotations
 import asyncio
 import itertools
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import msgspec
 import pytest
+import stamina
 
 from relay.checkpoint import CheckpointStore, CheckpointTracker, Position
 from relay.deadletter import DeadLetter
@@ -24,16 +26,25 @@ from relay.errors import (
     SinkError,
     SinkStoppedError,
 )
+from relay.lifecycle import TaskStatus
 from relay.metrics import Metrics
 from relay.outbox import SinkWorker
-from relay.retry import RetryPolicy, full_jitter
+from relay.retry import RetryPolicy
 from relay.router import RouteFilter
 from relay.schema import Event
 from relay.settings import RetrySettings
-from sinks.base import Sink
+from relay.sink import Sink
 from tests.contract import sample_events
 
-FAST = RetrySettings(wait_initial=0.001, wait_max=0.005, retry_after_max=0.05)
+DEFAULTS = RetrySettings()
+
+
+@pytest.fixture
+def no_waits() -> Iterator[None]:
+    """Retries without backoff waits, at most 10 attempts (fewer where `retry.attempts` says)."""
+    stamina.set_testing(True, attempts=10, cap=True)
+    yield
+    stamina.set_testing(False)
 
 
 class ScriptedSink(Sink):
@@ -68,7 +79,7 @@ def make_worker(
     *,
     max_events: int = 1000,
     overflow: str = "dead_letter",
-    retry: RetrySettings = FAST,
+    retry: RetrySettings = DEFAULTS,
 ) -> tuple[SinkWorker, CheckpointTracker, DeadLetter, Metrics]:
     tracker = CheckpointTracker()
     tracker.reset("E", None)
@@ -94,7 +105,8 @@ def feed(worker: SinkWorker, tracker: CheckpointTracker, events: list[Event]) ->
 
 async def drain(worker: SinkWorker) -> None:
     worker.outbox.close()
-    await asyncio.wait_for(worker.run(), 10)
+    status = TaskStatus(asyncio.get_running_loop().create_future())
+    await asyncio.wait_for(worker.run(status), 10)
 
 
 def dead_letters(path: Path) -> list[dict]:  # type: ignore[type-arg]
@@ -179,7 +191,9 @@ def test_position_dedupes_by_id_within_a_bounded_window(tmp_path: Path) -> None:
 # -- outbox outcomes -------------------------------------------------------------------------
 
 
-async def test_retryable_failures_are_retried_in_order_then_delivered(tmp_path: Path) -> None:
+async def test_retryable_failures_are_retried_in_order_then_delivered(
+    tmp_path: Path, no_waits: None
+) -> None:
     sink = ScriptedSink([RetryableSinkError("down"), RetryableSinkError("down"), None])
     worker, tracker, _, metrics = make_worker(sink, tmp_path)
     events = sample_events(25)
@@ -193,7 +207,9 @@ async def test_retryable_failures_are_retried_in_order_then_delivered(tmp_path: 
     assert worker.failing_since is None
 
 
-async def test_permanent_failure_dead_letters_the_batch_with_the_error(tmp_path: Path) -> None:
+async def test_permanent_failure_dead_letters_the_batch_with_the_error(
+    tmp_path: Path, no_waits: None
+) -> None:
     sink = ScriptedSink([PermanentSinkError("422 unprocessable", sink="scripted")])
     worker, tracker, dl, metrics = make_worker(sink, tmp_path)
     events = sample_events(12)
@@ -213,7 +229,9 @@ async def test_permanent_failure_dead_letters_the_batch_with_the_error(tmp_path:
     assert tracker.position.time_nano == events[-1].time_nano
 
 
-async def test_partial_delivery_acks_some_retries_some_dead_letters_some(tmp_path: Path) -> None:
+async def test_partial_delivery_acks_some_retries_some_dead_letters_some(
+    tmp_path: Path, no_waits: None
+) -> None:
     events = sample_events(4)
     partial = PartialDeliveryError(
         {1: PermanentSinkError("too large"), 3: RetryableSinkError("timeout")}
@@ -228,11 +246,9 @@ async def test_partial_delivery_acks_some_retries_some_dead_letters_some(tmp_pat
     assert tracker.position.time_nano == events[-1].time_nano
 
 
-async def test_exhausted_retries_dead_letter(tmp_path: Path) -> None:
+async def test_exhausted_retries_dead_letter(tmp_path: Path, no_waits: None) -> None:
     sink = ScriptedSink([RetryableSinkError("down")] * 10)
-    worker, tracker, dl, _ = make_worker(
-        sink, tmp_path, retry=RetrySettings(attempts=3, wait_initial=0.001, wait_max=0.002)
-    )
+    worker, tracker, dl, _ = make_worker(sink, tmp_path, retry=RetrySettings(attempts=3))
     events = sample_events(2)
     feed(worker, tracker, events)
     await drain(worker)
@@ -240,7 +256,7 @@ async def test_exhausted_retries_dead_letter(tmp_path: Path) -> None:
     assert [r["reason"] for r in dead_letters(dl.path)] == ["retries_exhausted"] * 2
 
 
-async def test_stopped_sink_dead_letters_everything_after(tmp_path: Path) -> None:
+async def test_stopped_sink_dead_letters_everything_after(tmp_path: Path, no_waits: None) -> None:
     sink = ScriptedSink([SinkStoppedError("410 Gone")])
     worker, tracker, dl, metrics = make_worker(sink, tmp_path)
     events = sample_events(15)
@@ -255,7 +271,9 @@ async def test_stopped_sink_dead_letters_everything_after(tmp_path: Path) -> Non
     assert tracker.in_flight == 0
 
 
-async def test_unexpected_exceptions_are_treated_as_retryable(tmp_path: Path) -> None:
+async def test_unexpected_exceptions_are_treated_as_retryable(
+    tmp_path: Path, no_waits: None
+) -> None:
     sink = ScriptedSink([KeyError("bug in a client library"), None])
     worker, tracker, _, _ = make_worker(sink, tmp_path)
     events = sample_events(3)
@@ -286,18 +304,12 @@ def test_overflow_policies(tmp_path: Path, overflow: str) -> None:
 # -- the retry policy ------------------------------------------------------------------------
 
 
-def test_full_jitter_bounds() -> None:
-    samples = [full_jitter(5, 0.5, 3.0) for _ in range(2000)]
-    assert 0 <= min(samples) < 0.3 and 2.7 < max(samples) <= 3.0
-    assert max(full_jitter(1, 0.5, 30) for _ in range(500)) <= 0.5
-
-
 async def test_retry_after_replaces_the_backoff_and_is_capped() -> None:
     policy = RetryPolicy(RetrySettings(wait_initial=10, wait_max=10, retry_after_max=0.3))
     seen: list[float] = []
     started = time.monotonic()
     errors = [RetryableSinkError("429", retry_after=0.2), RetryableSinkError("429", retry_after=99)]
-    async for attempt in policy.attempts():
+    async for attempt in policy.delivery():
         with attempt:
             seen.append(time.monotonic() - started)
             if errors:
@@ -308,12 +320,12 @@ async def test_retry_after_replaces_the_backoff_and_is_capped() -> None:
     assert 0.29 <= gaps[1] < 5.0  # 99 s capped at retry_after_max
 
 
-async def test_permanent_and_foreign_errors_are_never_retried() -> None:
-    policy = RetryPolicy(FAST)
+async def test_permanent_and_foreign_errors_are_never_retried(no_waits: None) -> None:
+    policy = RetryPolicy(DEFAULTS)
     for exc in (PermanentSinkError("no"), ValueError("no")):
         calls = 0
         with pytest.raises(type(exc)):
-            async for attempt in policy.attempts():
+            async for attempt in policy.delivery():
                 with attempt:
                     calls += 1
                     raise exc
@@ -330,13 +342,14 @@ async def test_the_first_retry_waits_for_retry_after_too(tmp_path: Path) -> None
             await super().send(batch)
 
     sink = Stamping([RetryableSinkError("429", retry_after=0.3), None])
+    # A backoff of 10 s: a retry after 0.3 s can only be the Retry-After.
     worker, tracker, _, _ = make_worker(
-        sink, tmp_path, retry=RetrySettings(wait_initial=0.001, wait_max=0.002, retry_after_max=5)
+        sink, tmp_path, retry=RetrySettings(wait_initial=10, wait_max=10, retry_after_max=5)
     )
     feed(worker, tracker, sample_events(1))
     await drain(worker)
     assert len(stamps) == 2
-    assert stamps[1] - stamps[0] >= 0.3
+    assert 0.3 <= stamps[1] - stamps[0] < 5.0
 
 
 async def test_linger_waits_for_a_full_batch_but_not_longer() -> None:

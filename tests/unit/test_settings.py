@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from relay.errors import ConfigError
-from relay.settings import load_settings
+from relay.plugins import load as load_settings
 
 
 @pytest.fixture(autouse=True)

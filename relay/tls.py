@@ -1,20 +1,10 @@
-"""The sink interface: one attempt per call, failures classified, nothing else.
-
-Retries, dead-lettering, metrics and shutdown live once, in `relay.outbox`. A sink only
-connects (`start`), delivers a batch (`send`), closes (`aclose`), and translates its client
-library's errors into `RetryableSinkError` / `PermanentSinkError` / `PartialDeliveryError`.
-"""
+"""What every sink's connection settings share: TLS (a CA, a client certificate for mTLS) and
+one rule for secrets read from files (Kubernetes Secret mounts)."""
 
 from __future__ import annotations
 
-import abc
-import logging
-import socket
 import ssl
-from collections.abc import Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
 
 from pydantic import (
     BaseModel,
@@ -27,66 +17,6 @@ from pydantic import (
 )
 
 from relay.errors import RetryableSinkError
-from relay.router import RouteFilter
-
-if TYPE_CHECKING:
-    from relay.schema import Event
-
-
-@dataclass(frozen=True)
-class SinkContext:
-    """What a sink may know about the relay it runs in."""
-
-    relay_id: str = field(default_factory=socket.gethostname)
-    """Stable name of this relay instance: the node name, else the host name."""
-
-
-class SinkConfigBase(BaseModel):
-    """Settings every sink has. Subclasses add `type: Literal[...]` and their own fields."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    name: str | None = Field(
-        default=None, description="Name in logs and metrics; default: the type."
-    )
-    filter: RouteFilter = Field(
-        default_factory=RouteFilter, description="Which events this sink receives."
-    )
-    max_batch: int = Field(default=100, ge=1, description="Events handed to one send call.")
-
-    @property
-    def sink_name(self) -> str:
-        return self.name or str(getattr(self, "type", "sink"))
-
-    def build(self, context: SinkContext) -> Sink:
-        raise NotImplementedError
-
-
-class Sink(abc.ABC):
-    """One destination. Not retried by itself; see the module docstring."""
-
-    def __init__(self, name: str, max_batch: int = 100, linger: float = 0.0) -> None:
-        self.name = name
-        self.max_batch = max_batch
-        # Seconds the outbox may wait, once it holds an event, for a batch of max_batch.
-        self.linger = linger
-        self.log = logging.getLogger(f"relay.sink.{name}")
-
-    @abc.abstractmethod
-    async def start(self) -> None:
-        """Connect. Raise RetryableSinkError when the destination is not there yet."""
-
-    @abc.abstractmethod
-    async def send(self, batch: Sequence[Event]) -> None:
-        """Deliver `batch` in order; return only once the destination acknowledged all of it."""
-
-    @abc.abstractmethod
-    async def aclose(self) -> None:
-        """Release the connection. Idempotent."""
-
-    def describe(self) -> dict[str, Any]:
-        """Non-secret facts for the startup log line."""
-        return {}
 
 
 def read_secret_file(path: Path, setting: str) -> SecretStr:
@@ -201,11 +131,3 @@ class TlsSettings(BaseModel):
             return self.ssl_context()
         except ValueError as exc:
             raise RetryableSinkError(f"tls: {exc}", sink=sink) from exc
-
-    def describe(self) -> dict[str, Any]:
-        """Non-secret facts for the sink's startup log line."""
-        return {
-            "ca_file": str(self.ca_file) if self.ca_file is not None else None,
-            "client_cert": self.cert_file is not None,
-            "verify": self.verify,
-        }
