@@ -30,6 +30,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer  # noqa: E402
 
 from bench.load import paced_volume_creates  # noqa: E402
 from relay.deadletter import DeadLetter  # noqa: E402
+from relay.lifecycle import TaskStatus  # noqa: E402
 from relay.metrics import Metrics  # noqa: E402
 from relay.outbox import SinkWorker  # noqa: E402
 from relay.retry import RetryPolicy  # noqa: E402
@@ -76,7 +77,7 @@ async def relay_path(bootstrap: str, events: list, batch: int, workdir: Path) ->
     for event in events:
         worker.put(event)
     worker.outbox.close()
-    await worker.run()
+    await worker.run(TaskStatus(asyncio.get_running_loop().create_future()))
     elapsed = time.perf_counter() - t0
     await sink.aclose()
     assert done == len(events), (done, len(events))

@@ -34,6 +34,7 @@ from paho.mqtt.properties import Properties
 
 from bench.load import paced_volume_creates
 from relay.deadletter import DeadLetter
+from relay.lifecycle import TaskStatus
 from relay.metrics import Metrics
 from relay.outbox import SinkWorker
 from relay.retry import RetryPolicy
@@ -73,7 +74,7 @@ async def relay_run(port: int, events: list[Event], workdir: Path) -> float:
         on_done,
     )
     await sink.start()
-    task = asyncio.create_task(worker.run())
+    task = asyncio.create_task(worker.run(TaskStatus(asyncio.get_running_loop().create_future())))
     start = time.perf_counter()
     for event in events:
         worker.put(event)

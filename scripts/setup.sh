@@ -3,7 +3,8 @@
 #   * Debian packages: the 20.10 Docker Engine, busybox-static (for the test image),
 #     debootstrap (a local base for the container image test),
 #     mosquitto, stunnel4 and openssl (TLS tests);
-#   * the project's virtualenv in .venv with the [test,bench] extras (ships tansu);
+#   * the project's virtualenv in .venv with the [test,bench] extras (ships tansu and the
+#     local S3 tansu keeps data in), and the example sink plugin (examples/sink-plugin);
 #   * Debian forky's Docker Engine 28.5 unpacked under .cache/engines/forky/ without
 #     touching the system's apt state (DESIGN.md section 5).
 # It needs no running service and starts none.
@@ -72,6 +73,18 @@ if [[ ! -f $stamp || "$(cat "$stamp")" != "$want" ]]; then
     printf '%s\n' "$want" >"$stamp"
 else
     log ".venv up to date"
+fi
+# The example sink plugin: the test suite runs the sink contract against it and checks that
+# the relay finds it through its entry point. --no-deps: what it needs (the relay, pydantic) is
+# what was installed just above, never a package of that name from an index.
+plugin_stamp=.venv/.setup-plugin-pyproject.sha256
+plugin_want="$(sha256sum examples/sink-plugin/pyproject.toml | cut -d' ' -f1)"
+if [[ ! -f $plugin_stamp || "$(cat "$plugin_stamp")" != "$plugin_want" ]]; then
+    log "pip install -e examples/sink-plugin"
+    .venv/bin/pip install -q --no-deps -e examples/sink-plugin
+    printf '%s\n' "$plugin_want" >"$plugin_stamp"
+else
+    log "example sink plugin up to date"
 fi
 
 # --- 3. Debian forky's Docker Engine 28.5 -------------------------------------------------

@@ -11,6 +11,7 @@ dockerd is missing fails its tests with instructions; it is never skipped silent
 from __future__ import annotations
 
 import os
+import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -20,6 +21,7 @@ from tests.harness import (
     EnginePool,
     EngineSpec,
     Mosquitto,
+    MotoS3,
     PrivateEngine,
     Tansu,
     known_engines,
@@ -97,6 +99,29 @@ def tansu(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Tansu]:
 def tansu_fresh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Tansu]:
     """A tansu of this test alone, for stop/restart scenarios (restart loses all data)."""
     with Tansu(tmp_path_factory.mktemp("tansu")) as broker:
+        yield broker
+
+
+@pytest.fixture(scope="session")
+def s3(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MotoS3]:
+    """One local S3 (moto) for the session: each tansu on it gets a bucket of its own."""
+    with MotoS3(tmp_path_factory.mktemp("s3")) as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def tansu_s3(s3: MotoS3, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Tansu]:
+    """One tansu for the session that keeps its topics and records across a restart (its
+    storage is S3). Use unique topic names; a test may restart it but must leave it running."""
+    with s3.tansu(tmp_path_factory.mktemp("tansu-s3"), "tansu-session") as broker:
+        yield broker
+
+
+@pytest.fixture
+def tansu_s3_fresh(s3: MotoS3, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Tansu]:
+    """A tansu on S3 of this test alone (a bucket of its own), for stop/restart scenarios."""
+    bucket = f"tansu-{uuid.uuid4().hex[:12]}"
+    with s3.tansu(tmp_path_factory.mktemp("tansu-s3"), bucket) as broker:
         yield broker
 
 

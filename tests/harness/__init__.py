@@ -4,7 +4,7 @@ Imported as `tests.harness` (tests/ is a package, so pytest puts the repository 
 when it loads tests/conftest.py). Nothing in the product code imports it.
 """
 
-from .brokers import BrokerProcess, Mosquitto, Tansu, free_port
+from .brokers import BrokerProcess, Mosquitto, MotoS3, Tansu, free_port
 from .engine import (
     EnginePool,
     EngineSpec,
@@ -13,13 +13,16 @@ from .engine import (
     known_engines,
     require_engine,
 )
+from .proxy import DelayProxy
 from .wait import async_wait_for, wait_for
 
 __all__ = [
     "BrokerProcess",
+    "DelayProxy",
     "EnginePool",
     "EngineSpec",
     "Mosquitto",
+    "MotoS3",
     "PrivateEngine",
     "Tansu",
     "async_wait_for",

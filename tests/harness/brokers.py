@@ -1,4 +1,5 @@
-"""Real brokers as child processes: tansu (Kafka protocol) and Mosquitto (MQTT).
+"""Real brokers as child processes: tansu (Kafka protocol), Mosquitto (MQTT), and the local S3
+(moto) that tansu keeps its data in when a test needs it to survive a restart.
 
 Each listens on a free loopback port chosen at the first start and kept across restarts, so a
 client under test can reconnect to the same address after `restart()`.
@@ -11,6 +12,8 @@ import os
 import shutil
 import socket
 import subprocess
+import sys
+from collections.abc import Mapping
 from pathlib import Path
 
 from .process import Service
@@ -138,16 +141,20 @@ def tansu_binary() -> Path:
 
 
 class Tansu(BrokerProcess):
-    """tansu with in-memory storage: every (re)start begins with no topics and no offsets.
+    """tansu; by default with in-memory storage: every (re)start begins with no topics and no
+    offsets, and a restarted one still acknowledges records for topics it no longer has, so a
+    restart test needs `storage` on S3 (see `MotoS3.tansu`), where topics and records survive.
 
-    Known limits (DESIGN.md section 5): idempotent producers fail, so clients must pass
-    enable_idempotence=False; topics auto-create with 4 partitions.
+    `advertised_port`: the port tansu tells clients to use (a proxy or TLS terminator in front
+    of it); default its own. Known limits (DESIGN.md section 5): idempotent producers fail, so
+    clients must pass enable_idempotence=False; topics auto-create with 4 partitions.
     """
 
     name = "tansu"
 
-    # tansu reads these as defaults for its flags; a stray value in the developer's shell
-    # (an OTLP endpoint, a schema registry) must not change the broker under test.
+    # tansu reads these as defaults for its flags, and its S3 client reads AWS_*; a stray value
+    # in the developer's shell (an OTLP endpoint, a schema registry, an AWS profile) must not
+    # change the broker under test.
     _ENV_OVERRIDES = (
         "CLUSTER_ID",
         "LISTENER_URL",
@@ -157,21 +164,106 @@ class Tansu(BrokerProcess):
         "OTEL_EXPORTER_OTLP_ENDPOINT",
     )
 
+    def __init__(
+        self,
+        workdir: Path | str,
+        port: int | None = None,
+        *,
+        storage: str = "memory://tansu/",
+        storage_env: Mapping[str, str] | None = None,
+        advertised_port: int | None = None,
+    ) -> None:
+        super().__init__(workdir, port)
+        self.storage = storage
+        self.storage_env = dict(storage_env or {})
+        self.advertised_port = advertised_port
+
     def command(self) -> list[str]:
-        url = f"tcp://{HOST}:{self.port}"
+        advertised = self.advertised_port or self.port
         return [
             str(tansu_binary()),
             "broker",
             "--listener-url",
-            url,
+            f"tcp://{HOST}:{self.port}",
             "--advertised-listener-url",
-            url,
+            f"tcp://{HOST}:{advertised}",
             "--storage-engine",
-            "memory://tansu/",
+            self.storage,
         ]
 
     def env(self) -> dict[str, str]:
-        return {k: v for k, v in os.environ.items() if k not in self._ENV_OVERRIDES}
+        env = {
+            k: v
+            for k, v in os.environ.items()
+            if k not in self._ENV_OVERRIDES and not k.startswith("AWS_")
+        }
+        env.update(self.storage_env)
+        return env
+
+
+class MotoS3(BrokerProcess):
+    """A local S3 (moto's server, from PyPI `moto[server]`), for tansu's `s3://` storage.
+
+    Its state lives in its memory: it is never restarted while a tansu depends on it.
+    """
+
+    name = "moto-s3"
+    region = "eu-west-2"
+    # moto accepts any credentials; these only have to be consistent between its clients.
+    _ACCESS_KEY = "relay-test"
+    _SECRET_KEY = "relay-test-secret"
+
+    @property
+    def endpoint(self) -> str:
+        return f"http://{HOST}:{self.port}"
+
+    def command(self) -> list[str]:
+        # The moto_server beside this interpreter, not whichever one PATH finds first.
+        binary = Path(sys.executable).parent / "moto_server"
+        return [str(binary), "-H", HOST, "-p", str(self.port)]
+
+    def client_env(self) -> dict[str, str]:
+        """What tansu's S3 client needs to use this server (DESIGN.md section 5)."""
+        return {
+            "AWS_ENDPOINT": self.endpoint,
+            "AWS_ALLOW_HTTP": "true",
+            "AWS_ACCESS_KEY_ID": self._ACCESS_KEY,
+            "AWS_SECRET_ACCESS_KEY": self._SECRET_KEY,
+            "AWS_DEFAULT_REGION": self.region,
+        }
+
+    def create_bucket(self, bucket: str) -> None:
+        # Imported here: only the S3 tests pay for importing boto3.
+        import boto3  # type: ignore[import-untyped]  # boto3 ships no type hints
+
+        client = boto3.client(
+            "s3",
+            endpoint_url=self.endpoint,
+            region_name=self.region,
+            aws_access_key_id=self._ACCESS_KEY,
+            aws_secret_access_key=self._SECRET_KEY,
+        )
+        client.create_bucket(
+            Bucket=bucket, CreateBucketConfiguration={"LocationConstraint": self.region}
+        )
+
+    def tansu(
+        self,
+        workdir: Path | str,
+        bucket: str,
+        *,
+        port: int | None = None,
+        advertised_port: int | None = None,
+    ) -> Tansu:
+        """A tansu (not started) keeping its topics and records in `bucket`, created here."""
+        self.create_bucket(bucket)
+        return Tansu(
+            workdir,
+            port,
+            storage=f"s3://{bucket}/",
+            storage_env=self.client_env(),
+            advertised_port=advertised_port,
+        )
 
 
 class Mosquitto(BrokerProcess):

@@ -4,6 +4,8 @@ It records every request (method, path, headers, body, arrival time) and answers
 told otherwise: `receiver.fail(500, times=2)`, `receiver.fail(429, headers={"Retry-After":
 "1"})`, `receiver.fail(410)`, `receiver.slow(2.0)`, `receiver.drop_connection(times=1)`.
 Scripted answers apply in order to the next requests; `times=None` means always.
+`receiver.refuse(event_id)` answers 400 to every request carrying that event, whatever the
+script. `restart()` stops it and listens again on the same port.
 
 With `secret` set it verifies each request's HMAC signature the way the README tells receivers
 to (`verify_signature`, standard library only) and answers 401 to a bad one.
@@ -98,9 +100,11 @@ class Recorded:
 @dataclass
 class _Script:
     status: int = 204
-    headers: dict[str, str] = field(default_factory=dict)
+    # A callable value is computed when the answer is sent (an HTTP date relative to then).
+    headers: dict[str, str | Callable[[], str]] = field(default_factory=dict)
     body: str = ""
     delay: float = 0.0
+    gate: asyncio.Event | None = None
     drop: bool = False
     times: int | None = None  # None: always
 
@@ -118,6 +122,7 @@ class Receiver:
         self.ssl_context = ssl_context
         self.requests: list[Recorded] = []
         self._scripts: list[_Script] = []
+        self._refused: dict[str, int] = {}
         self._runner: web.AppRunner | None = None
         self.port = 0
         self.in_flight = 0
@@ -126,15 +131,21 @@ class Receiver:
     # -- lifecycle -------------------------------------------------------------------------
 
     async def start(self) -> Receiver:
+        """Listen: on a free port the first time, on the same one after a stop."""
         app = web.Application(client_max_size=64 * 1024 * 1024)
         app.router.add_route("*", "/{tail:.*}", self._handle)
         # Short shutdown: a slow handler must not hold the test's teardown.
         self._runner = web.AppRunner(app, shutdown_timeout=0.5, access_log=None)
         await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", 0, ssl_context=self.ssl_context)
+        site = web.TCPSite(self._runner, "127.0.0.1", self.port, ssl_context=self.ssl_context)
         await site.start()
         self.port = self._runner.addresses[0][1]
         return self
+
+    async def restart(self) -> None:
+        """Stop (open connections are cut) and listen again on the same port."""
+        await self.aclose()
+        await self.start()
 
     async def aclose(self) -> None:
         runner, self._runner = self._runner, None
@@ -158,10 +169,14 @@ class Receiver:
         status: int,
         *,
         times: int | None = None,
-        headers: dict[str, str] | None = None,
+        headers: dict[str, str | Callable[[], str]] | None = None,
         body: str = "",
     ) -> None:
         self._scripts.append(_Script(status=status, headers=headers or {}, body=body, times=times))
+
+    def hold(self, gate: asyncio.Event, *, times: int | None = None) -> None:
+        """Answer only once `gate` is set: a destination as slow as the test wants."""
+        self._scripts.append(_Script(gate=gate, times=times))
 
     def slow(self, delay: float, *, times: int | None = None) -> None:
         self._scripts.append(_Script(delay=delay, times=times))
@@ -169,8 +184,13 @@ class Receiver:
     def drop_connection(self, *, times: int | None = None) -> None:
         self._scripts.append(_Script(drop=True, times=times))
 
+    def refuse(self, event_id: str, status: int = 400) -> None:
+        """Answer `status` to any request that carries the event `event_id`."""
+        self._refused[event_id] = status
+
     def reset(self) -> None:
         self._scripts.clear()
+        self._refused.clear()
 
     def _next_script(self) -> _Script:
         while self._scripts:
@@ -217,12 +237,31 @@ class Receiver:
                     rec.signature_error = str(exc)
                     rec.status = 401
                     return web.Response(status=401, text=f"bad signature: {exc}")
+            refusal = self._refusal(rec)
+            if refusal is not None:
+                rec.status = refusal[0]
+                return web.Response(status=refusal[0], text=f"event {refusal[1]} refused")
             if script.delay:
                 await asyncio.sleep(script.delay)  # the behaviour under test, not a sync
+            if script.gate is not None:
+                await script.gate.wait()
             rec.status = script.status
-            return web.Response(status=script.status, headers=script.headers, text=script.body)
+            headers = {k: v() if callable(v) else v for k, v in script.headers.items()}
+            return web.Response(status=script.status, headers=headers, text=script.body)
         finally:
             self.in_flight -= 1
+
+    def _refusal(self, rec: Recorded) -> tuple[int, str] | None:
+        if not self._refused:
+            return None
+        try:
+            carried = [str(event.get("id")) for event in rec.events()]
+        except ValueError:  # not CloudEvents JSON: nothing of ours to refuse
+            return None
+        for event_id in carried:
+            if event_id in self._refused:
+                return self._refused[event_id], event_id
+        return None
 
     # -- reading back ----------------------------------------------------------------------
 

@@ -11,7 +11,7 @@ import asyncio
 import inspect
 import time
 from collections.abc import Awaitable, Callable
-from typing import TypeVar
+from typing import TypeVar, overload
 
 T = TypeVar("T")
 
@@ -40,6 +40,24 @@ def wait_for(
         if time.monotonic() >= deadline:
             raise AssertionError(_timeout_message(timeout, message, predicate, value))
         time.sleep(interval)
+
+
+@overload
+async def async_wait_for(
+    predicate: Callable[[], Awaitable[T]],
+    timeout: float,  # noqa: ASYNC109
+    interval: float = ...,
+    message: str = ...,
+) -> T: ...
+
+
+@overload
+async def async_wait_for(
+    predicate: Callable[[], T],
+    timeout: float,  # noqa: ASYNC109
+    interval: float = ...,
+    message: str = ...,
+) -> T: ...
 
 
 async def async_wait_for(

@@ -16,7 +16,15 @@ from aiokafka import (  # type: ignore[import-untyped]  # aiokafka ships no type
 )
 from paho.mqtt.enums import CallbackAPIVersion
 
-from tests.harness import EnginePool, EngineSpec, Mosquitto, PrivateEngine, Tansu
+from tests.harness import (
+    DelayProxy,
+    EnginePool,
+    EngineSpec,
+    Mosquitto,
+    PrivateEngine,
+    Tansu,
+    async_wait_for,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -106,6 +114,80 @@ async def test_tansu_restart_same_port(tansu_fresh: Tansu) -> None:
     tansu_fresh.restart()
     assert tansu_fresh.port == port
     await _kafka_round_trip(tansu_fresh.bootstrap)
+
+
+async def test_tansu_on_s3_keeps_records_across_a_restart(tansu_s3_fresh: Tansu) -> None:
+    # Why restart tests use this tansu: in memory a restarted tansu has no topics, yet still
+    # acknowledges records sent to them, which then vanish (DESIGN.md section 5).
+    broker = tansu_s3_fresh
+    topic = f"harness-{uuid.uuid4().hex[:12]}"
+    keys = [f"key-{n}".encode() for n in range(4)]
+    sent = [(keys[n % 4], f"record-{n:03d}".encode()) for n in range(200)]
+    producer = AIOKafkaProducer(bootstrap_servers=broker.bootstrap, enable_idempotence=False)
+    await producer.start()
+    try:
+        acks = [await producer.send(topic, value, key=key) for key, value in sent]
+        await asyncio.gather(*acks)
+    finally:
+        await producer.stop()
+
+    broker.restart()
+
+    consumer = AIOKafkaConsumer(
+        topic,
+        bootstrap_servers=broker.bootstrap,
+        auto_offset_reset="earliest",
+        group_id=None,
+        metadata_max_age_ms=500,
+    )
+    await consumer.start()
+    received: list[tuple[bytes | None, bytes | None, int, int]] = []
+    try:
+
+        async def fetched() -> bool:
+            for messages in (await consumer.getmany(timeout_ms=200)).values():
+                received.extend((m.key, m.value, m.partition, m.offset) for m in messages)
+            return len(received) >= len(sent)
+
+        await async_wait_for(fetched, 60, interval=0, message="200 records after the restart")
+    finally:
+        await consumer.stop()
+    assert sorted((key, value) for key, value, _, _ in received) == sorted(sent)
+    # Each key's records kept their order within its partition.
+    for key in keys:
+        mine = sorted((p, o, v) for k, v, p, o in received if k == key)
+        assert [v for _, _, v in mine] == [v for k, v in sent if k == key]
+        assert len({p for p, _, _ in mine}) == 1
+
+
+async def test_delay_proxy_adds_latency_both_ways_and_keeps_order() -> None:
+    async def echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while data := await reader.read(4096):
+            writer.write(data)
+            await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(echo, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    delay = 0.15
+    loop = asyncio.get_running_loop()
+    async with server:
+        with DelayProxy(port, delay) as proxy:
+            reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
+            began = loop.time()
+            writer.write(b"ping")
+            assert await reader.readexactly(4) == b"ping"
+            # One delay there and one back: a lower bound only, which no load can break.
+            assert loop.time() - began >= 2 * delay
+            chunks = [f"chunk-{n:03d};".encode() for n in range(100)]
+            for chunk in chunks:
+                writer.write(chunk)
+                await writer.drain()
+            writer.write_eof()
+            echoed = await reader.read()  # to the end: the half-close went through too
+            writer.close()
+    assert echoed == b"".join(chunks)
+    assert proxy.connections == 1
 
 
 def _mqtt_round_trip(broker: Mosquitto) -> tuple[str, bytes]:

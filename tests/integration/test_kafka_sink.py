@@ -7,7 +7,7 @@ import json
 import logging
 import ssl
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -15,14 +15,16 @@ from typing import Any
 import msgspec
 import pytest
 from aiokafka import AIOKafkaConsumer
+from cloudevents.http import CloudEvent
+from cloudevents.kafka import KafkaMessage, from_binary, from_structured
 
 from relay.errors import PartialDeliveryError, PermanentSinkError, RetryableSinkError
 from relay.router import RouteFilter
 from relay.schema import Event
-from sinks.base import Sink, SinkContext
+from relay.sink import Sink, SinkContext
 from sinks.kafka import STRUCTURED_CONTENT_TYPE, KafkaSink, KafkaSinkConfig
-from tests.contract import SinkContract, sample_events, structured
-from tests.harness import PrivateEngine, Tansu, async_wait_for, free_port
+from tests.contract import SinkContract, rebuilt, sample_events, structured
+from tests.harness import DelayProxy, PrivateEngine, Tansu, async_wait_for, free_port
 from tests.harness.brokers import HOST, BrokerProcess
 from tests.harness.pki import Pki, pki_fixture
 from tests.relay_harness import Recorder, relay_settings, running_relay, started
@@ -151,16 +153,41 @@ def has_ids(ids: Sequence[str]) -> Any:
 
 # -- the shared contract --------------------------------------------------------------------
 
+# A record the client refuses to send: the default max_request_size, plus room to spare.
+_TOO_LARGE = KafkaSinkConfig.model_fields["max_request_size"].default + 64 * 1024
+
 
 class TestKafkaContract(SinkContract):
-    @pytest.fixture(autouse=True)
-    def _broker(self, tansu: Tansu) -> None:
-        self.bootstrap = tansu.bootstrap
-        self.topic = unique("contract")
+    """Against tansu on S3 storage, so that a restart keeps what the broker acknowledged (in
+    memory it forgets its topics yet still acknowledges records sent to them)."""
 
-    def make_sink(self) -> Sink:
-        # One key: one partition, so "arrival order" is the broker's order, well defined.
-        return kafka_sink(self.bootstrap, topic=self.topic, key="contract")
+    content_mode = "binary"
+
+    @pytest.fixture(autouse=True)
+    def _broker(self, tansu_s3: Tansu, tmp_path: Path) -> Iterator[None]:
+        self.broker = tansu_s3
+        self.bootstrap = tansu_s3.bootstrap
+        self.topic = unique("contract")
+        self.tmp_path = tmp_path
+        self.cleanups: list[Callable[[], None]] = []
+        yield
+        for cleanup in reversed(self.cleanups):
+            cleanup()
+
+    def make_sink(self, bootstrap: str | None = None, **settings: Any) -> Sink:
+        # The sink's own timeouts. One key: one partition, so "arrival order" is the
+        # broker's order, well defined.
+        values = kafka_settings(
+            bootstrap or self.bootstrap,
+            topic=self.topic,
+            key="contract",
+            content_mode=self.content_mode,
+            **settings,
+        )
+        return KafkaSink(KafkaSinkConfig(**values), SinkContext("test"))
+
+    async def _records(self, ids: list[str], timeout: float) -> list[Record]:  # noqa: ASYNC109
+        return await consume(self.bootstrap, [self.topic], has_ids(ids), timeout)
 
     async def read_back(
         self,
@@ -168,19 +195,55 @@ class TestKafkaContract(SinkContract):
         ids: list[str],
         timeout: float,  # noqa: ASYNC109 - the contract's signature
     ) -> list[dict[str, Any]]:
-        records = await consume(self.bootstrap, [self.topic], has_ids(ids), timeout)
-        by_id = [r.structured for r in records if r.id in set(ids)]
-        return by_id
+        return [r.structured for r in await self._records(ids, timeout)]
+
+    async def read_back_sdk(
+        self,
+        sink: Sink,
+        ids: list[str],
+        timeout: float,  # noqa: ASYNC109 - the contract's signature
+    ) -> list[CloudEvent]:
+        parsed: list[CloudEvent] = []
+        for r in await self._records(ids, timeout):
+            message = KafkaMessage(headers=r.headers, key=r.key, value=r.value)
+            if "ce_id" in r.headers:
+                parsed.append(from_binary(message))
+            else:
+                parsed.append(from_structured(message))
+        return parsed
 
     def make_unreachable_sink(self) -> Sink:
-        return kafka_sink(f"{HOST}:{free_port()}", topic=self.topic, request_timeout=2.0)
+        return self.make_sink(f"{HOST}:{free_port()}")
+
+    def make_undeliverable(self, event: Event) -> Event:
+        return rebuilt(event, {"com.example.blob": "x" * _TOO_LARGE})
+
+    async def restart_destination(self) -> None:
+        await asyncio.to_thread(self.broker.restart)
+
+    async def make_slow_sink(self, delay: float) -> Sink:
+        # tansu tells clients to use the proxy (as the TLS setup below advertises stunnel), so
+        # every request of the sink, and of the reading consumer, crosses it.
+        proxy_port = free_port()
+        broker = Tansu(self.tmp_path / "slow-tansu", advertised_port=proxy_port)
+        broker.start()
+        self.cleanups.append(broker.stop)
+        proxy = DelayProxy(broker.port, delay, port=proxy_port)
+        proxy.start()
+        self.cleanups.append(proxy.stop)
+        self.bootstrap = proxy.address
+        return self.make_sink()
+
+    def make_secret_sink(self) -> tuple[Sink, list[str]]:
+        # No SASL server runs here (DESIGN.md section 5): the secret goes to an address where
+        # nothing listens, through the start and send paths that fail there.
+        secret = f"sasl-{uuid.uuid4().hex}"
+        sasl = {"mechanism": "SCRAM-SHA-512", "username": "relay", "password": secret}
+        return self.make_sink(f"{HOST}:{free_port()}", sasl=sasl), [secret]
 
 
 class TestKafkaContractStructured(TestKafkaContract):
-    def make_sink(self) -> Sink:
-        return kafka_sink(
-            self.bootstrap, topic=self.topic, key="contract", content_mode="structured"
-        )
+    content_mode = "structured"
 
 
 # -- events from the real engine ------------------------------------------------------------
@@ -445,7 +508,7 @@ async def test_sasl_settings_reach_the_client(
         await sink.start()
     await sink.aclose()
     assert "SASL_PLAINTEXT" in str(info.value) and "[kafka]" in str(info.value)
-    for text in (str(info.value), repr(sink.config), str(sink.describe()), caplog.text):
+    for text in (str(info.value), repr(sink.config), repr(vars(sink)), caplog.text):
         assert secret not in text
 
 
@@ -453,20 +516,6 @@ async def test_sasl_settings_reach_the_client(
 
 
 pki = pki_fixture()
-
-
-class AdvertisedTansu(Tansu):
-    """tansu whose advertised listener is another port (the TLS terminator in front of it)."""
-
-    def __init__(self, workdir: Path, advertised_port: int) -> None:
-        super().__init__(workdir)
-        self.advertised_port = advertised_port
-
-    def command(self) -> list[str]:
-        command = super().command()
-        index = command.index("--advertised-listener-url")
-        command[index + 1] = f"tcp://{HOST}:{self.advertised_port}"
-        return command
 
 
 class Stunnel(BrokerProcess):
@@ -512,7 +561,7 @@ class TlsKafka:
 @pytest.fixture
 def tls_kafka(tmp_path: Path, pki: Pki) -> Iterator[TlsKafka]:
     tls_port = free_port()
-    broker = AdvertisedTansu(tmp_path / "tansu", tls_port)
+    broker = Tansu(tmp_path / "tansu", advertised_port=tls_port)
     broker.start()
     tunnel = Stunnel(
         tmp_path / "stunnel", tls_port, broker.port, pki.server_cert, pki.server_key, pki.ca
@@ -533,7 +582,7 @@ async def test_tls_with_client_certificate(tls_kafka: TlsKafka) -> None:
         topic=topic,
         tls=tls_kafka.pki.client_tls(),
     )
-    assert sink.describe()["security_protocol"] == "SSL"
+    assert sink.config.security_protocol == "SSL"
     async with started(sink):
         await sink.send(events)
     records = await consume(

@@ -2,46 +2,94 @@
 
 from __future__ import annotations
 
+import fcntl
 import os
 import threading
-from typing import IO, Any
+import time
+from collections.abc import Iterator, Mapping
+from typing import Any, BinaryIO, ClassVar, cast
 
 import msgspec
 import pytest
+from cloudevents.http import CloudEvent, from_json
 
 from relay.errors import PermanentSinkError
-from sinks.base import Sink
+from relay.sink import Sink
 from sinks.stdout import StdoutSink
 from tests.contract import SinkContract, sample_events
-from tests.harness import wait_for
+from tests.harness import async_wait_for
+
+# The smallest pipe buffer Linux allows: a slow reader then holds the writer back within a few
+# events, as a slow log collector holds back a container's stdout.
+_SMALL_PIPE = 4096
 
 
 class PipeReader:
-    """The reading end of a real OS pipe, drained by a thread (as a log collector would)."""
+    """The reading end of a real OS pipe, drained by a thread (as a log collector would).
 
-    def __init__(self) -> None:
+    With `delay`, the reader takes at most `chunk` bytes at a time and pauses that long before
+    each read, in a pipe with the smallest buffer: a slow consumer the writer must wait for."""
+
+    def __init__(self, delay: float = 0.0, chunk: int = 65536) -> None:
         read_fd, write_fd = os.pipe()
-        self.writer: IO[bytes] = os.fdopen(write_fd, "wb")
-        self._reader = os.fdopen(read_fd, "rb")
+        if delay:
+            fcntl.fcntl(write_fd, fcntl.F_SETPIPE_SZ, _SMALL_PIPE)
+        self.writer = cast(BinaryIO, os.fdopen(write_fd, "wb"))
+        self._reader = os.fdopen(read_fd, "rb", buffering=0)
+        self.delay = delay
+        self.chunk = chunk
         self.lines: list[bytes] = []
         self._thread = threading.Thread(target=self._drain, daemon=True)
         self._thread.start()
 
     def _drain(self) -> None:
-        for line in self._reader:
-            self.lines.append(line)
+        pending = b""
+        while True:
+            if self.delay:
+                time.sleep(self.delay)  # the slowness under test, not a synchronisation
+            data = self._reader.read(self.chunk)
+            if not data:
+                return
+            *complete, pending = (pending + data).split(b"\n")
+            self.lines.extend(line + b"\n" for line in complete)
 
-    def close_reader(self) -> None:
+    def close(self) -> None:
+        self.writer.close()
+        self._thread.join(10)
         self._reader.close()
 
 
 class TestStdoutSinkContract(SinkContract):
+    cannot: ClassVar[Mapping[str, str]] = {
+        "refuse_one_event": "a pipe takes a write whole or fails it whole; no reader refuses "
+        "one line of it",
+        "restart": "a pipe has no server to restart: a new reader is a new pipe, and the sink "
+        "never reopens the stream it was given",
+        "secrets": "the stdout sink has no credentials",
+    }
+
     @pytest.fixture(autouse=True)
-    def _pipe(self) -> None:
+    def _pipe(self) -> Iterator[None]:
         self.pipe = PipeReader()
+        self.pipes = [self.pipe]
+        yield
+        for pipe in self.pipes:
+            pipe.close()
 
     def make_sink(self) -> Sink:
         return StdoutSink("stdout", 500, stream=self.pipe.writer)
+
+    async def _lines(self, ids: list[str], timeout: float) -> list[bytes]:  # noqa: ASYNC109
+        wanted = set(ids)
+
+        def arrived() -> list[bytes] | None:
+            lines = list(self.pipe.lines)
+            seen = {msgspec.json.decode(line)["id"] for line in lines}
+            return lines if wanted <= seen else None
+
+        result = await async_wait_for(arrived, timeout, message=f"{len(wanted)} lines")
+        assert result is not None
+        return result
 
     async def read_back(
         self,
@@ -49,18 +97,25 @@ class TestStdoutSinkContract(SinkContract):
         ids: list[str],
         timeout: float,  # noqa: ASYNC109 - a deadline for polling, not a cancellation scope
     ) -> list[dict[str, Any]]:
-        wanted = set(ids)
+        return [msgspec.json.decode(line) for line in await self._lines(ids, timeout)]
 
-        def got() -> list[dict[str, Any]] | None:
-            docs = [msgspec.json.decode(line) for line in list(self.pipe.lines)]
-            docs = [d for d in docs if d["id"] in wanted]
-            return docs if len(docs) >= len(wanted) else None
-
-        result: list[dict[str, Any]] = wait_for(got, timeout=timeout, message="lines on the pipe")
-        return result
+    async def read_back_sdk(
+        self,
+        sink: Sink,
+        ids: list[str],
+        timeout: float,  # noqa: ASYNC109 - the contract's
+    ) -> list[CloudEvent]:
+        return [from_json(line) for line in await self._lines(ids, timeout)]
 
     def make_unreachable_sink(self) -> Sink:
         raise NotImplementedError("stdout is always there; see the override below")
+
+    async def make_slow_sink(self, delay: float) -> Sink:
+        # 1 KiB every `delay` seconds: 30 events take seconds to drain, so the sink's write
+        # waits on the reader most of that time.
+        self.pipe = PipeReader(delay=delay, chunk=1024)
+        self.pipes.append(self.pipe)
+        return self.make_sink()
 
     async def test_unreachable_destination_is_retryable(self) -> None:
         # stdout has no address; its failure is the reader going away, which is final: the
