@@ -13,9 +13,10 @@ cd "$REPO"
 bash scripts/setup.sh
 
 echo "[test] ruff" >&2
-.venv/bin/ruff check relay sinks tests bench
-.venv/bin/ruff format --check relay sinks tests bench
-echo "[test] mypy --strict relay sinks" >&2
+.venv/bin/ruff check relay sinks tests bench examples
+.venv/bin/ruff format --check relay sinks tests bench examples
+echo "[test] mypy --strict relay sinks, and the example plugin" >&2
 .venv/bin/mypy
+.venv/bin/mypy --strict examples/sink-plugin/relay_sink_jsonl
 echo "[test] pytest" >&2
 exec .venv/bin/pytest -p no:cacheprovider "$@"

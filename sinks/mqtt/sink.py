@@ -22,10 +22,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
-import socket
 import ssl
 import string
-import threading
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -46,6 +44,7 @@ from relay.sink import (
     TlsSettings,
     resolve_secret_files,
 )
+from sinks.mqtt.loop import LoopAdapter
 
 if TYPE_CHECKING:
     import paho.mqtt.client as mqtt
@@ -231,12 +230,9 @@ class MqttSink(Sink):
         """Successful connects so far (a reconnect after a loss counts again)."""
         self._connected = False
         self._client: mqtt.Client | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._loop_thread: int | None = None
+        self._io: LoopAdapter | None = None
         self._connack: asyncio.Future[tuple[int, str]] | None = None
         self._lost: asyncio.Future[str] | None = None
-        # Keepalive ticks: a timer on the event loop, not a task, so nothing outlives aclose().
-        self._misc_timer: asyncio.TimerHandle | None = None
         self._connect_lock = asyncio.Lock()
         # mid -> future of its acknowledgement (the reason code); event id -> that future,
         # for QoS 1/2 messages still in paho's session.
@@ -312,7 +308,8 @@ class MqttSink(Sink):
                 client.disconnect()
                 if lost is not None:
                     await asyncio.wait_for(asyncio.shield(lost), timeout=5.0)
-        self._stop_io(client)
+        if self._io is not None:
+            self._io.detach()
         for fut in self._by_mid.values():
             fut.cancel()
         self._by_mid.clear()
@@ -355,10 +352,6 @@ class MqttSink(Sink):
         client.on_connect = self._on_connect
         client.on_disconnect = self._on_disconnect
         client.on_publish = self._on_publish
-        client.on_socket_open = self._on_socket_open
-        client.on_socket_close = self._on_socket_close
-        client.on_socket_register_write = self._on_socket_register_write
-        client.on_socket_unregister_write = self._on_socket_unregister_write
         # Stores the address and options only; the blocking connect runs in `_connect`.
         client.connect_async(
             c.host,
@@ -367,6 +360,7 @@ class MqttSink(Sink):
             clean_start=(not c.persistent_session) if v5 else mqtt.MQTT_CLEAN_START_FIRST_ONLY,
             properties=connect_properties,
         )
+        self._io = LoopAdapter(client)
         return client
 
     async def _connect(self) -> None:
@@ -375,42 +369,41 @@ class MqttSink(Sink):
                 return
             client = self._client
             assert client is not None
+            io = self._io
+            assert io is not None
             loop = asyncio.get_running_loop()
-            self._loop = loop
-            self._loop_thread = threading.get_ident()
             self._connack = loop.create_future()
             self._lost = loop.create_future()
             try:
                 async with asyncio.timeout(self.config.connect_timeout + 1):
-                    # DNS, TCP and the TLS handshake block: keep them off the event loop.
-                    await asyncio.to_thread(client.reconnect)
+                    await io.connect()
                     code, reason = await self._connack
             except TimeoutError as exc:
-                self._abandon(client)
+                io.abandon()
                 raise RetryableSinkError(
                     f"broker {self.address}: no CONNACK within {self.config.connect_timeout:g}s",
                     sink=self.name,
                 ) from exc
             except ssl.SSLError as exc:
-                self._abandon(client)
+                io.abandon()
                 raise RetryableSinkError(
                     f"broker {self.address}: TLS handshake failed: {exc}", sink=self.name
                 ) from exc
             except OSError as exc:
-                self._abandon(client)
+                io.abandon()
                 raise RetryableSinkError(
                     f"broker {self.address} unreachable: {exc.strerror or exc}", sink=self.name
                 ) from exc
             if code == _CLOSED_BEFORE_CONNACK:
                 # Not a refusal (a broker restarting, a proxy dropping us): an ordinary
                 # retryable failure, which the outbox reports once per burst.
-                self._abandon(client)
+                io.abandon()
                 raise RetryableSinkError(
                     f"broker {self.address} closed the connection before CONNACK: {reason}",
                     sink=self.name,
                 )
             if code != 0:
-                self._abandon(client)
+                io.abandon()
                 message = (
                     f"broker {self.address} refused the connection: {reason} "
                     f"(CONNACK reason code {code})"
@@ -425,7 +418,7 @@ class MqttSink(Sink):
             self._last_refusal = None
             self._connected = True
             self.connects += 1
-            self._misc_timer = loop.call_later(_MISC_TICK, self._misc_tick, client)
+            io.connected()
             if self.connects > 1:
                 self.log.info("sink %s: reconnected to %s", self.name, self.address)
             if self.status_topic is not None:
@@ -435,39 +428,6 @@ class MqttSink(Sink):
                     raise RetryableSinkError(
                         f"broker {self.address}: status message not acknowledged", sink=self.name
                     )
-
-    def _abandon(self, client: mqtt.Client) -> None:
-        """Drop a connection attempt that did not end in CONNECTED."""
-        self._connected = False
-        self._stop_io(client)
-        with contextlib.suppress(Exception):
-            # paho closes the socket at the next reconnect; close it now so no late CONNACK
-            # or reader callback lands on an abandoned attempt.
-            sock = client.socket()
-            if sock is not None:
-                sock.close()
-
-    def _stop_io(self, client: mqtt.Client) -> None:
-        self._stop_misc()
-        sock = client.socket()
-        if sock is not None and self._loop is not None:
-            with contextlib.suppress(Exception):
-                self._loop.remove_reader(sock.fileno())
-                self._loop.remove_writer(sock.fileno())
-
-    def _misc_tick(self, client: mqtt.Client) -> None:
-        import paho.mqtt.client as mqtt
-
-        # Keepalive pings and the keepalive timeout live in loop_misc, which wants a tick.
-        if client.loop_misc() == mqtt.MQTT_ERR_SUCCESS and self._loop is not None:
-            self._misc_timer = self._loop.call_later(_MISC_TICK, self._misc_tick, client)
-        else:
-            self._misc_timer = None
-
-    def _stop_misc(self) -> None:
-        if self._misc_timer is not None:
-            self._misc_timer.cancel()
-            self._misc_timer = None
 
     # -- publishing ----------------------------------------------------------------------------
 
@@ -508,9 +468,9 @@ class MqttSink(Sink):
         self._inflight.pop(event_id, None)
 
     def _publish_status(self, client: mqtt.Client, status: str) -> asyncio.Future[int]:
-        assert self.status_topic is not None and self._loop is not None
+        assert self.status_topic is not None
         info = client.publish(self.status_topic, status.encode(), qos=1, retain=True)
-        fut: asyncio.Future[int] = self._loop.create_future()
+        fut: asyncio.Future[int] = asyncio.get_running_loop().create_future()
         self._by_mid[info.mid] = fut
         return fut
 
@@ -588,7 +548,8 @@ class MqttSink(Sink):
         lost = self._lost
         if lost is not None and not lost.done():
             lost.set_result(reason)
-        self._stop_misc()
+        if self._io is not None:
+            self._io.stop_keepalive()
 
     def _on_publish(
         self,
@@ -602,86 +563,9 @@ class MqttSink(Sink):
         if fut is not None and not fut.done():
             fut.set_result(reason_code.value)
 
-    def _call_in_loop(self, func: Any, *args: Any) -> None:
-        loop = self._loop
-        if loop is None:
-            return
-        if threading.get_ident() == self._loop_thread:
-            func(*args)
-        else:
-            loop.call_soon_threadsafe(func, *args)
-
-    def _on_socket_open(self, client: mqtt.Client, userdata: Any, sock: Any) -> None:
-        # A batch ends waiting for its last PUBACKs: Nagle would hold its last small PUBLISH
-        # packets until the broker's delayed ACK, ~40 ms per batch.
-        with contextlib.suppress(OSError, AttributeError):
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        self._call_in_loop(self._add_reader, client, sock)
-
-    def _add_reader(self, client: mqtt.Client, sock: Any) -> None:
-        assert self._loop is not None
-        current = client.socket()
-        # A socket of an attempt that was abandoned meanwhile is not ours to watch.
-        if current is not None and current is sock:
-            self._loop.add_reader(current.fileno(), self._readable, client)
-
-    def _readable(self, client: mqtt.Client) -> None:
-        client.loop_read()
-        self._quickack(client.socket())
-        # An SSL socket can hold decrypted bytes the selector does not see.
-        sock = client.socket()
-        while sock is not None and isinstance(sock, ssl.SSLSocket) and sock.pending():
-            client.loop_read()
-            sock = client.socket()
-
-    @staticmethod
-    def _quickack(sock: Any) -> None:
-        # The broker may run with Nagle's algorithm on (Mosquitto's default): its later PUBACKs
-        # of a batch wait for our ACK of the first, which Linux delays up to 40 ms. Quick ACK
-        # mode ends after each read, so it is set again after each.
-        if sock is not None and _TCP_QUICKACK is not None:
-            with contextlib.suppress(OSError, AttributeError, ValueError):
-                sock.setsockopt(socket.IPPROTO_TCP, _TCP_QUICKACK, 1)
-
-    def _on_socket_close(self, client: mqtt.Client, userdata: Any, sock: Any) -> None:
-        loop = self._loop
-        if loop is None:
-            return
-        fileno = sock.fileno()
-        if fileno < 0:
-            return
-        if threading.get_ident() == self._loop_thread:
-            loop.remove_reader(fileno)
-            loop.remove_writer(fileno)
-        else:
-            loop.call_soon_threadsafe(loop.remove_reader, fileno)
-            loop.call_soon_threadsafe(loop.remove_writer, fileno)
-
-    def _on_socket_register_write(self, client: mqtt.Client, userdata: Any, sock: Any) -> None:
-        self._call_in_loop(self._add_writer, client, sock)
-
-    def _add_writer(self, client: mqtt.Client, sock: Any) -> None:
-        assert self._loop is not None
-        current = client.socket()
-        if current is not None and current is sock:
-            self._loop.add_writer(current.fileno(), client.loop_write)
-
-    def _on_socket_unregister_write(self, client: mqtt.Client, userdata: Any, sock: Any) -> None:
-        def remove() -> None:
-            assert self._loop is not None
-            with contextlib.suppress(Exception):
-                self._loop.remove_writer(sock.fileno())
-
-        self._call_in_loop(remove)
-
-
-# Seconds between keepalive bookkeeping ticks (paho's loop_misc).
-_MISC_TICK = 1.0
 
 # Not an MQTT reason code (those are 0-255): the connection closed before any CONNACK.
 _CLOSED_BEFORE_CONNACK = -1
-
-_TCP_QUICKACK: int | None = getattr(socket, "TCP_QUICKACK", None)
 
 
 def _utf8(text: str) -> bytes:
