@@ -193,7 +193,11 @@ async def test_a_crash_exits_1_with_one_clear_line(
     assert ("exception" in errors[0]) is (level == "DEBUG")
     assert ("Traceback" in stderr) is (level == "DEBUG")
     written = [json.loads(line) for line in out.decode().splitlines()]
-    assert [e["subject"] for e in written] == [f"crash-{tag}-ok", f"crash-{tag}-bad"]
+    # The second event may or may not have reached stdout before the webhook's worker failed.
+    assert [e["subject"] for e in written] in (
+        [f"crash-{tag}-ok"],
+        [f"crash-{tag}-ok", f"crash-{tag}-bad"],
+    )
     # Both sinks finished with the first event, the webhook never with the second.
     stored = json.loads((state / "checkpoint.json").read_text())
     assert stored["time_nano"] == written[0]["data"]["time_nano"]
