@@ -191,9 +191,14 @@ class SinkWorker:
         return True
 
     async def _start_with_retries(self) -> None:
-        async for attempt in self.policy.start():
-            with attempt:
-                await self._start_once()
+        try:
+            async for attempt in self.policy.start():
+                with attempt:
+                    await self._start_once()
+        except PermanentSinkError as exc:
+            # A sink that can never start is stopped, not the relay: its events go to the
+            # dead-letter file, the other sinks go on, /readyz says why.
+            self._stop(f"cannot start: {exc}")
 
     async def _start_once(self) -> None:
         try:

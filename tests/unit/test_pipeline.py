@@ -271,6 +271,23 @@ async def test_stopped_sink_dead_letters_everything_after(tmp_path: Path, no_wai
     assert tracker.in_flight == 0
 
 
+async def test_a_sink_that_can_never_start_is_stopped_alone(tmp_path: Path, no_waits: None) -> None:
+    class Refusing(ScriptedSink):
+        async def start(self) -> None:
+            raise PermanentSinkError("bad credentials, for good")
+
+    sink = Refusing()
+    worker, tracker, dl, metrics = make_worker(sink, tmp_path)
+    events = sample_events(3)
+    feed(worker, tracker, events)
+    await drain(worker)
+    assert worker.stopped_reason is not None and "for good" in worker.stopped_reason
+    assert [r["event"]["id"] for r in dead_letters(dl.path)] == [e.id for e in events]
+    assert {r["reason"] for r in dead_letters(dl.path)} == {"sink_stopped"}
+    assert sink.calls == [] and tracker.in_flight == 0
+    assert value(metrics, "relay_sink_stopped", sink="scripted") == 1
+
+
 async def test_unexpected_exceptions_are_treated_as_retryable(
     tmp_path: Path, no_waits: None
 ) -> None:
