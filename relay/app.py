@@ -86,6 +86,7 @@ class Relay:
             self.metrics,
             node_name=settings.node_name,
         )
+        self.metrics.ready.set_function(lambda: 1.0 if self.readiness()[0] else 0.0)
         self.http: HttpServer | None = None
         if settings.http.enabled:
             self.http = HttpServer(

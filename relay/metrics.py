@@ -50,8 +50,8 @@ class Metrics:
         )
         self.replay_gaps = Counter(
             "relay_replay_gaps",
-            "Reconnects after which the engine's replay did not reach back to the last event "
-            "(events may be missing).",
+            "Gaps reported with a relay.gap event (events may be missing): a replay that did "
+            "not reach back to the last event, a corrupt state, a cursor ahead of the engine.",
             registry=r,
         )
         self.events_delivered = Counter(
@@ -121,6 +121,54 @@ class Metrics:
             registry=r,
         )
         self._read_children: dict[tuple[str, str], Counter] = {}
+        # The durable spool (STATE_DIR/spool.db): what each sink still owes, and the disk.
+        self.spool_events = Gauge(
+            "relay_spool_events",
+            "Events held for the sink (spooled on disk or waiting in memory), not yet "
+            "delivered or dead-lettered.",
+            ["sink"],
+            registry=r,
+        )
+        self.spool_bytes = Gauge(
+            "relay_spool_bytes", "Bytes of the events held for the sink.", ["sink"], registry=r
+        )
+        self.spool_max_bytes = Gauge(
+            "relay_spool_max_bytes",
+            "The sink's spool limit (spool.max_bytes); beyond it the overflow policy applies.",
+            ["sink"],
+            registry=r,
+        )
+        self.delivery_lag = Gauge(
+            "relay_delivery_lag_seconds",
+            "Age (from the engine's timeNano) of the oldest event the sink has not finished "
+            "with; 0 when it holds none.",
+            ["sink"],
+            registry=r,
+        )
+        self.spool_commits = Counter(
+            "relay_spool_commits", "Group commits written to the spool.", registry=r
+        )
+        self.spool_commit_seconds = Histogram(
+            "relay_spool_commit_seconds",
+            "Time one group commit took (write and fsync).",
+            buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1, 5),
+            registry=r,
+        )
+        self.disk_errors = Counter(
+            "relay_disk_errors",
+            "Failed writes to the state directory (spool commit, dead-letter file), by what.",
+            ["what"],
+            registry=r,
+        )
+        self.disk_ok = Gauge(
+            "relay_disk_ok",
+            "1 while the last write to the state directory succeeded, 0 while it fails.",
+            registry=r,
+        )
+        self.disk_ok.set(1)
+        for what in ("spool", "dead_letter"):
+            self.disk_errors.labels(what)
+        self.ready = Gauge("relay_ready", "1 when /readyz answers ready, 0 otherwise.", registry=r)
 
     def _since_last(self) -> float:
         return time.time() - (self._last_event_at or self._started)

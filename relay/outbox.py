@@ -134,6 +134,13 @@ class SinkWorker:
         # the first dead letter, not only the second.
         self._retried = metrics.events_retried.labels(self.name)
         metrics.events_dropped.labels(self.name)
+        for gauge in (
+            metrics.spool_events,
+            metrics.spool_bytes,
+            metrics.spool_max_bytes,
+            metrics.delivery_lag,
+        ):
+            gauge.labels(self.name).set(0)
         for reason in get_args(SinkReason):
             metrics.events_dead_lettered.labels(self.name, reason)
 
