@@ -1,14 +1,16 @@
 """The relay: its components wired together, run under one TaskGroup, torn down from `finally`.
 
 reader -> queue -> pipeline (normalize, dedupe, route) -> outbox[sink] -> worker -> sink
-                                      checkpoint <- acks / dead-letters
+                          |                                     | done
+                          +--> spool (SQLite: events owed, cursor) <--+
 
-Startup: the HTTP port first (so /healthz answers while the sinks connect), then the sink
-workers, each ready once its sink has started (waited for at most `startup_timeout`), then the
-checkpoint writer, the pipeline, and the reader last. Shutdown on SIGTERM: stop reading,
-dispatch what was read, drain the outboxes within `drain_timeout`, stop the rest. Whatever
-ended the run (a stop, or a component that failed), the teardown closes every sink in reverse
-order, writes the checkpoint and closes the dead-letter file.
+Startup: the spool is opened (what the sinks still owed, where the engine's stream was left),
+then the HTTP port (so /healthz answers while the sinks connect), the sink workers, each ready
+once its sink has started (waited for at most `startup_timeout`), the spool's writer, the
+pipeline, and the reader last. Shutdown on SIGTERM: stop reading, dispatch what was read,
+deliver within `drain_timeout`, stop the rest. Whatever ended the run (a stop, or a component
+that failed), the teardown closes every sink in reverse order, commits the spool (what was not
+delivered stays there for the next start) and closes the dead-letter file.
 """
 
 from __future__ import annotations
@@ -17,20 +19,23 @@ import asyncio
 import contextlib
 import logging
 import signal
+import sqlite3
 from collections.abc import Sequence
 
-from relay.checkpoint import CheckpointStore, CheckpointWriter
 from relay.deadletter import DeadLetter
 from relay.engine import EngineReader, QueueItem
+from relay.errors import ConfigError
 from relay.http import HttpServer
 from relay.lifecycle import ComponentError, Running, Supervisor
 from relay.metrics import Metrics
-from relay.outbox import SinkWorker
+from relay.outbox import Budget, SinkWorker
 from relay.pipeline import Pipeline
 from relay.retry import RetryPolicy, quiet_stamina
 from relay.router import RouteFilter, RouteTable
+from relay.schema import Event
 from relay.settings import Settings
 from relay.sink import Sink
+from relay.spool import Spool
 
 log = logging.getLogger("relay.app")
 
@@ -49,34 +54,42 @@ class Relay:
         """`sinks` come from the composition root (`relay.plugins.build_sinks`), or a test."""
         self.settings = settings
         self.metrics = metrics or Metrics()
-        self.dead_letter = DeadLetter(settings.dead_letter_file)
         self.policy = RetryPolicy(settings.retry)
         # Unbounded as a queue: the reader bounds the lines it puts (engine.queue_max) itself.
         self.queue: asyncio.Queue[QueueItem] = asyncio.Queue()
+        sp = settings.spool
+        self.spool = Spool(
+            settings.state_dir / "spool.db",
+            self.metrics,
+            fsync=sp.fsync,
+            commit_interval=sp.commit_interval,
+            commit_max_events=sp.commit_max_events,
+        )
+        self.dead_letter = DeadLetter(settings.dead_letter_file, self.spool, self.metrics)
+        self.spool.on_tick.append(self.dead_letter.flush_export)
+        self.spool.replay_into(self._replay)
+        budget = Budget(sp.max_total_bytes)
         self.workers = [
             SinkWorker(
                 sink,
                 settings.outbox.max_events,
-                settings.outbox.overflow,
+                sp.overflow,
+                sp.max_bytes,
+                budget,
+                self.spool,
                 self.policy,
                 self.dead_letter,
                 self.metrics,
-                # Bound late: the pipeline (which owns the tracker) is built below.
-                lambda seq: self.pipeline.tracker.done(seq),
             )
             for sink, _ in sinks
         ]
-        store = CheckpointStore(settings.state_dir)
         self.pipeline = Pipeline(
             self.queue,
             RouteTable([(w, f) for w, (_, f) in zip(self.workers, sinks, strict=True)]),
-            store,
+            self.spool,
             self.dead_letter,
             self.metrics,
             settings.schema_,
-        )
-        self.checkpoint = CheckpointWriter(
-            self.pipeline.tracker, store, settings.checkpoint_interval
         )
         self.reader = EngineReader(
             settings.engine,
@@ -93,8 +106,23 @@ class Relay:
                 settings.http.host, settings.http.port, self.metrics, self.readiness
             )
 
+    def _replay(self, sink: str, body: bytes) -> bool:
+        """A dead letter replayed (`docker-event-relay dead-letter replay`) for `sink`."""
+        for worker in self.workers:
+            if worker.name == sink:
+                self.pipeline.deliver_to(worker, Event.from_json(body, 0))
+                return True
+        return False
+
     def readiness(self) -> tuple[bool, str]:
         problems: list[str] = []
+        if self.spool.disk_error is not None:
+            problems.append(f"spool {self.spool.path} cannot be written: {self.spool.disk_error}")
+        if self.dead_letter.disk_error is not None:
+            problems.append(
+                f"dead-letter file {self.dead_letter.path} cannot be written: "
+                f"{self.dead_letter.disk_error}"
+            )
         if not self.reader.connected:
             problems.append(
                 f"engine {self.reader.address} not connected"
@@ -117,11 +145,12 @@ class Relay:
         quiet_stamina()
         names = ", ".join(f"{w.name}({type(w.sink).__name__})" for w in self.workers)
         log.info("starting: engine %s, sinks: %s", self.reader.address, names)
+        self._open_spool()
         async with contextlib.AsyncExitStack() as teardown:
-            # Unwound last to first: sinks closed in reverse order, then the checkpoint written,
-            # then the dead-letter file closed; after every task of the group has finished.
+            # Unwound last to first: sinks closed in reverse order, then the spool committed
+            # and closed, then the dead-letter file; after every task of the group finished.
             teardown.callback(self._close_dead_letter)
-            teardown.callback(self._write_checkpoint)
+            teardown.callback(self._close_spool)
             for worker in self.workers:
                 teardown.push_async_callback(self._close_sink, worker)
             async with asyncio.TaskGroup() as tg:
@@ -139,17 +168,31 @@ class Relay:
                             w.name,
                             w.last_error,
                         )
-                services.append(group.spawn("checkpoint", self.checkpoint.run))
+                services.append(group.spawn("spool", self.spool.run))
                 pipeline = group.spawn("pipeline", self.pipeline.run)
                 reader = group.spawn("reader", self.reader.run)
                 await stop.wait()
                 await self._drain(reader, pipeline, workers)
                 for service in reversed(services):
                     await service.stop()
+        held = sum(w.held_events for w in self.workers)
         log.info(
-            "stopped; checkpoint at timeNano %s",
-            self.pipeline.tracker.position.time_nano or "none",
+            "stopped at timeNano %s; %d event(s) held in the spool for the next start",
+            self.pipeline.cursor.time_nano or "none",
+            held,
         )
+
+    def _open_spool(self) -> None:
+        try:
+            recovered = self.spool.open([w.name for w in self.workers])
+        except (sqlite3.Error, OSError) as exc:
+            self.spool.close()
+            raise ConfigError(
+                "state_dir", f"cannot open the spool {self.spool.path}: {exc}"
+            ) from exc
+        for worker in self.workers:
+            worker.recover(self.spool.bits[worker.name], recovered.backlog[worker.name])
+        self.pipeline.recover(recovered)
 
     async def _drain(self, reader: Running, pipeline: Running, workers: list[Running]) -> None:
         timeout = self.settings.drain_timeout
@@ -165,8 +208,8 @@ class Relay:
         for running in workers:
             if running.task in late:
                 log.warning(
-                    "drain deadline passed: %s left events undelivered (they are "
-                    "replayed after a restart if within the engine's window)",
+                    "drain deadline passed: %s stops with events undelivered (they stay in "
+                    "the spool and are delivered after the restart)",
                     running.name,
                 )
                 await running.stop()
@@ -178,11 +221,15 @@ class Relay:
         except Exception as exc:
             log.error("closing sink %s failed: %r", worker.name, exc)
 
-    def _write_checkpoint(self) -> None:
-        try:
-            self.checkpoint.flush()
-        except OSError as exc:
-            log.error("cannot write the final checkpoint %s: %s", self.checkpoint.store.path, exc)
+    def _close_spool(self) -> None:
+        if not self.spool.commit_now():
+            log.error(
+                "the final commit of the spool %s failed (%s): what it did not hold yet is "
+                "replayed by the engine after a restart, as far as its replay reaches",
+                self.spool.path,
+                self.spool.disk_error,
+            )
+        self.spool.close()
 
     def _close_dead_letter(self) -> None:
         try:
@@ -199,8 +246,9 @@ def failed_components(error: BaseException) -> list[ComponentError]:
 
 
 async def serve(settings: Settings, sinks: Sequence[tuple[Sink, RouteFilter]]) -> int:
-    """Run until SIGTERM or SIGINT: exit code 0; 1 when a component failed (one log line each,
-    with the traceback only at log.level DEBUG)."""
+    """Run until SIGTERM or SIGINT: exit code 0; 2 when the state directory cannot hold the
+    spool; 1 when a component failed (one log line each, with the traceback only at
+    log.level DEBUG)."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -208,12 +256,15 @@ async def serve(settings: Settings, sinks: Sequence[tuple[Sink, RouteFilter]]) -
     relay = Relay(settings, sinks)
     try:
         await relay.run(stop)
+    except ConfigError as exc:
+        log.error("configuration error: %s", exc)
+        return 2
     except Exception as exc:
         failures = failed_components(exc) or [ComponentError("relay", exc)]
         debug = log.isEnabledFor(logging.DEBUG)
         for failure in failures:
             log.error(
-                "%s; every sink was closed and the checkpoint written; exiting",
+                "%s; every sink was closed and the spool committed; exiting",
                 failure,
                 exc_info=failure.error if debug else None,
             )

@@ -36,9 +36,12 @@ log = logging.getLogger("relay.engine")
 
 @dataclass(frozen=True)
 class Connected:
-    """Queue marker: a new stream began, from this engine."""
+    """Queue marker: a new stream began, from this engine, whose clock said `engine_now`.
+    `clamped_from`: the resume point was ahead of that clock (and read from its now instead)."""
 
     engine: Engine
+    engine_now: int = 0
+    clamped_from: int | None = None
 
 
 QueueItem = Connected | list[bytes]
@@ -152,6 +155,19 @@ class EngineReader:
             if not engine.id:
                 raise ValueError("engine /info has no ID")
             boundary = self._resume_point(engine.id)
+            now = engine_now(info)
+            clamped_from = None
+            if boundary is not None and boundary > now:
+                # A restored backup, or a clock that was set back: resuming from the future
+                # would skip everything until then, on every later restart too.
+                log.warning(
+                    "engine %s: the stored position %s is ahead of the engine's clock %s; "
+                    "reading from the engine's now (a gap is reported)",
+                    self.address,
+                    since_param(boundary),
+                    since_param(now),
+                )
+                clamped_from, boundary = boundary, now
             if boundary is not None:
                 since = max(1, boundary - int(s.resume_margin * 1e9))
             else:
@@ -160,7 +176,7 @@ class EngineReader:
                 # happened while the sinks were connecting. Always pass `since`: the engine
                 # sends the response headers before it subscribes us, and events in between
                 # are only recovered by the replay.
-                since = max(1, engine_now(info) - waited)
+                since = max(1, now - waited)
             params: dict[str, str] = {"since": since_param(since)}
             if s.filters:
                 params["filters"] = msgspec.json.encode(s.filters).decode()
@@ -189,7 +205,7 @@ class EngineReader:
                     engine.api_version,
                     params["since"],
                 )
-                self._put(Connected(engine))
+                self._put(Connected(engine, now, clamped_from))
                 try:
                     await self._read(response)
                 finally:

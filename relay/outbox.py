@@ -1,9 +1,15 @@
-"""One bounded outbox and one worker per sink, so a slow or dead sink delays no other.
+"""One outbox and one worker per sink, so a slow or dead sink delays no other.
 
-The worker takes batches in order, and retries a batch (the shared `RetryPolicy`) before it
-takes the next, so a sink sees its events in engine order. Each event ends in exactly one of:
-delivered, dead-lettered (permanent error, retries exhausted, overflow, sink stopped), or
-dropped (only with an explicit `drop_*` overflow policy). Every end counts for the checkpoint.
+The outbox holds the sink's events in order: a window of at most `outbox.max_events` in memory,
+the rest in the spool on disk, read back as the window empties, so memory stays bounded
+whatever the backlog. The worker takes batches in order, and retries a batch (the shared
+`RetryPolicy`) before it takes the next, so a sink sees its events in engine order. Each event
+ends in exactly one of: delivered, dead-lettered (permanent error, retries exhausted, overflow,
+sink stopped), or dropped (only with an explicit `drop_*` overflow policy); each end is told to
+the spool, which then owes it no more for this sink.
+
+`spool.max_bytes` bounds what one sink holds (memory and disk), `spool.max_total_bytes` what
+all of them hold together; beyond, the overflow policy applies, counted.
 """
 
 from __future__ import annotations
@@ -12,7 +18,8 @@ import asyncio
 import logging
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import Literal, get_args
 
 from relay.deadletter import DeadLetter, Reason, SinkReason
@@ -28,45 +35,58 @@ from relay.metrics import Metrics
 from relay.retry import RetryPolicy
 from relay.schema import Event
 from relay.sink import Sink, SinkState
+from relay.spool import Backlog, Spool
 
 log = logging.getLogger("relay.outbox")
 
 Overflow = Literal["dead_letter", "drop_oldest", "drop_newest"]
 
+Loader = Callable[[int, int], Awaitable[list[Event]]]
+
 
 class Outbox:
-    """A bounded FIFO that never blocks the producer: when full, the overflow policy decides."""
+    """A sink's events in order: up to `window` in memory, the rest read back from the spool."""
 
-    def __init__(
-        self,
-        max_events: int,
-        overflow: Overflow,
-        on_evict: Callable[[Event, Overflow], None],
-    ) -> None:
-        self.max_events = max_events
-        self.overflow = overflow
-        self._on_evict = on_evict
+    def __init__(self, window: int, load: Loader) -> None:
+        self.window = window
+        self._load = load
         self._items: deque[Event] = deque()
+        # From this seq on, the sink's events are (also) only in the spool.
+        self._disk_from: int | None = None
+        self._spills = 0
         self._ready = asyncio.Event()
         self._closed = asyncio.Event()
 
     def __len__(self) -> int:
         return len(self._items)
 
+    @property
+    def on_disk(self) -> bool:
+        return self._disk_from is not None
+
     def put(self, event: Event) -> None:
         if self._closed.is_set():
             raise RuntimeError("outbox closed")
-        if len(self._items) >= self.max_events:
-            if self.overflow == "drop_oldest":
-                self._on_evict(self._items.popleft(), self.overflow)
-            else:
-                self._on_evict(event, self.overflow)
-                return
-        self._items.append(event)
+        if self._disk_from is not None or len(self._items) >= self.window:
+            # Behind events that wait on disk, or beyond the window: the spool keeps it (the
+            # pipeline gave it to the spool first), in order.
+            if self._disk_from is None:
+                self._disk_from = event.seq
+            self._spills += 1
+        else:
+            self._items.append(event)
         self._ready.set()
 
+    def backlog_from(self, seq: int) -> None:
+        """At start: the sink's events from `seq` on wait in the spool."""
+        self._disk_from = seq
+        self._ready.set()
+
+    def pop_oldest(self) -> Event | None:
+        return self._items.popleft() if self._items else None
+
     def close(self) -> None:
-        """No more puts; the worker drains what is left, then stops."""
+        """No more puts; the worker delivers what it can, then stops."""
         self._closed.set()
         self._ready.set()
 
@@ -77,14 +97,21 @@ class Outbox:
         """Up to `max_events` in order; waits while empty; [] once closed and drained. With
         `linger`, once there is an event, waits up to that many seconds for a full batch."""
         while not self._items:
+            if self._disk_from is not None:
+                await self._refill()
+                continue
             if self._closed.is_set():
                 return []
             self._ready.clear()
             await self._ready.wait()
-        if linger > 0 and len(self._items) < max_events:
+        if linger > 0 and len(self._items) < max_events and self._disk_from is None:
             loop = asyncio.get_running_loop()
             deadline = loop.time() + linger
-            while len(self._items) < max_events and not self._closed.is_set():
+            while (
+                len(self._items) < max_events
+                and not self._closed.is_set()
+                and self._disk_from is None
+            ):
                 self._ready.clear()
                 try:
                     async with asyncio.timeout_at(deadline):
@@ -95,10 +122,30 @@ class Outbox:
         n = min(max_events, len(items))
         return [items.popleft() for _ in range(n)]
 
+    async def _refill(self) -> None:
+        assert self._disk_from is not None
+        spills = self._spills
+        room = max(1, self.window - len(self._items))
+        events = await self._load(self._disk_from, room)
+        self._items.extend(events)
+        if events:
+            self._disk_from = events[-1].seq + 1
+        if len(events) < room and spills == self._spills:
+            # Caught up with the spool, and nothing went to it meanwhile: memory again.
+            self._disk_from = None
+
     def take_all(self) -> list[Event]:
         items = list(self._items)
         self._items.clear()
         return items
+
+
+@dataclass
+class Budget:
+    """Bytes every sink holds together, against `spool.max_total_bytes`."""
+
+    max_total: int
+    total: int = 0
 
 
 class SinkWorker:
@@ -107,20 +154,30 @@ class SinkWorker:
     def __init__(
         self,
         sink: Sink,
-        outbox_max: int,
+        window: int,
         overflow: Overflow,
+        max_bytes: int,
+        budget: Budget,
+        spool: Spool,
         policy: RetryPolicy,
         dead_letter: DeadLetter,
         metrics: Metrics,
-        on_done: Callable[[int], None],
     ) -> None:
         self.sink = sink
         self.name = sink.name
+        self.overflow = overflow
+        self.max_bytes = max_bytes
+        self.budget = budget
+        self.spool = spool
         self.policy = policy
         self.dead_letter = dead_letter
         self.metrics = metrics
-        self._on_done = on_done
-        self.outbox = Outbox(outbox_max, overflow, self._evicted)
+        self.bit = 0  # the spool's bit for this sink, given when the spool opens
+        self.outbox = Outbox(window, lambda after, limit: spool.load(self.bit, after, limit))
+        self.held_events = 0
+        self.held_bytes = 0
+        self._oldest: int | None = None  # timeNano of the oldest event held, when known
+        self._in_flight: list[Event] = []
         self.stopped_reason: str | None = None
         self.failing_since: float | None = None
         self.last_error: str | None = None
@@ -133,32 +190,77 @@ class SinkWorker:
         # Every series of this sink exists from the start, at 0: an alert on increase() sees
         # the first dead letter, not only the second.
         self._retried = metrics.events_retried.labels(self.name)
-        metrics.events_dropped.labels(self.name)
-        for gauge in (
-            metrics.spool_events,
-            metrics.spool_bytes,
-            metrics.spool_max_bytes,
-            metrics.delivery_lag,
-        ):
-            gauge.labels(self.name).set(0)
+        self._dropped = metrics.events_dropped.labels(self.name)
         for reason in get_args(SinkReason):
             metrics.events_dead_lettered.labels(self.name, reason)
+        metrics.spool_events.labels(self.name).set_function(lambda: self.held_events)
+        metrics.spool_bytes.labels(self.name).set_function(lambda: self.held_bytes)
+        metrics.spool_max_bytes.labels(self.name).set(max_bytes)
+        metrics.delivery_lag.labels(self.name).set_function(self._lag)
+
+    def recover(self, bit: int, backlog: Backlog) -> None:
+        """The spool opened: this sink's bit, and what it still owed from before."""
+        self.bit = bit
+        if backlog.events and backlog.first_seq is not None:
+            self.held_events += backlog.events
+            self.held_bytes += backlog.bytes
+            self.budget.total += backlog.bytes
+            self.outbox.backlog_from(backlog.first_seq)
+            log.info(
+                "sink %s: %d event(s) (%d bytes) held from before, delivered first",
+                self.name,
+                backlog.events,
+                backlog.bytes,
+            )
+
+    def _lag(self) -> float:
+        heads = [e.time_nano for e in self._in_flight[:1]]
+        if len(self.outbox):
+            heads.append(self.outbox._items[0].time_nano)
+        elif self._oldest is not None and self.held_events:
+            heads.append(self._oldest)
+        if not heads or not self.held_events:
+            return 0.0
+        return max(0.0, (time.time_ns() - min(heads)) / 1e9)
 
     # -- producer side -------------------------------------------------------------------
 
     def put(self, event: Event) -> None:
         if self.stopped_reason is not None:
-            self._dead_letter([event], "sink_stopped", self.stopped_reason)
+            self._dead_letter([event], "sink_stopped", self.stopped_reason, held=False)
             return
+        size = len(event.json())
+        if not self._room_for(size):
+            if self.overflow == "dead_letter":
+                self._dead_letter([event], "overflow", "spool full", held=False)
+                return
+            if self.overflow == "drop_newest" or not self._drop_oldest(size):
+                self._dropped.inc()
+                self.spool.done(self.bit, event.seq)
+                return
+        self.held_events += 1
+        self.held_bytes += size
+        self.budget.total += size
+        if self._oldest is None:
+            self._oldest = event.time_nano
         self.outbox.put(event)
         self._depth.set(len(self.outbox))
 
-    def _evicted(self, event: Event, overflow: Overflow) -> None:
-        if overflow == "dead_letter":
-            self._dead_letter([event], "overflow", "outbox full")
-        else:
-            self.metrics.events_dropped.labels(self.name).inc()
-            self._on_done(event.seq)
+    def _room_for(self, size: int) -> bool:
+        return (
+            self.held_bytes + size <= self.max_bytes
+            and self.budget.total + size <= self.budget.max_total
+        )
+
+    def _drop_oldest(self, size: int) -> bool:
+        """Make room by dropping the oldest events in memory; False when that cannot."""
+        while not self._room_for(size):
+            victim = self.outbox.pop_oldest()
+            if victim is None:
+                return False
+            self._dropped.inc()
+            self._finished([victim])
+        return True
 
     # -- worker side ---------------------------------------------------------------------
 
@@ -181,7 +283,14 @@ class SinkWorker:
             if not batch:
                 return
             self._depth.set(len(self.outbox))
-            await self._deliver(batch)
+            if self.stopped_reason is not None:
+                self._dead_letter(batch, "sink_stopped", self.stopped_reason)
+                continue
+            self._in_flight = batch
+            try:
+                await self._deliver(batch)
+            finally:
+                self._in_flight = []
 
     async def _start(self) -> bool:
         """Start the sink, retrying forever while its outbox holds the events. False when the
@@ -191,7 +300,7 @@ class SinkWorker:
             closed = tg.create_task(self.outbox.wait_closed())
             await asyncio.wait([starting, closed], return_when=asyncio.FIRST_COMPLETED)
             closed.cancel()
-            if not starting.done() and not self.outbox:
+            if not starting.done() and not self.outbox and not self.outbox.on_disk:
                 # Stopping while still connecting, with nothing to deliver: done.
                 starting.cancel()
                 return False
@@ -299,16 +408,43 @@ class SinkWorker:
         self._delivered.inc(len(events))
         for event in events:
             self._latency.observe(max(0, now_ns - event.time_nano) / 1e9)
-            self._on_done(event.seq)
+        self._finished(events)
 
-    def _dead_letter(self, events: list[Event], reason: Reason, error: BaseException | str) -> None:
+    def _dead_letter(
+        self,
+        events: list[Event],
+        reason: Reason,
+        error: BaseException | str,
+        *,
+        held: bool = True,
+    ) -> None:
+        """`held`: the events were counted as this sink's (not refused at the door)."""
         if not events:
             return
         counter = self.metrics.events_dead_lettered.labels(self.name, reason)
         for event in events:
             self.dead_letter.write_event(event, sink=self.name, reason=reason, error=error)
             counter.inc()
-            self._on_done(event.seq)
+        if held:
+            self._finished(events)
+        else:
+            for event in events:
+                self.spool.done(self.bit, event.seq)
+
+    def _finished(self, events: list[Event]) -> None:
+        """This sink is done with `events` (held ones): the spool owes them no more for it."""
+        spool, bit = self.spool, self.bit
+        size = 0
+        for event in events:
+            spool.done(bit, event.seq)
+            size += len(event.json())
+        self.held_events -= len(events)
+        self.held_bytes -= size
+        self.budget.total -= size
+        if not self.held_events:
+            self._oldest = None
+        elif len(self.outbox):
+            self._oldest = self.outbox._items[0].time_nano
 
     def _failing(self, exc: BaseException) -> None:
         self.last_error = str(exc)
@@ -343,3 +479,4 @@ class SinkWorker:
             )
             self._dead_letter(self.outbox.take_all(), "sink_stopped", reason)
             self._depth.set(0)
+            # What waits on disk is dead-lettered as the worker reads it back.

@@ -1,11 +1,16 @@
-"""The pipeline: lines from the reader's queue -> events in the sinks' outboxes, in engine order.
+"""The pipeline: lines from the reader's queue -> events in the spool and the sinks' outboxes,
+in engine order.
 
 It owns the state between reading and delivering: the normalizer of the current engine, the
 cursor (where the relay is in the engine's stream, with the ids of the last events, to drop
-what the engine replays twice), the routing table, and the checkpoint tracker (which events
-every sink has finished with). The reader only asks it where to resume (`resume_point`), which
-changes nothing; a new engine's state is taken up when its `Connected` marker comes through
-the queue, in order with the lines.
+what the engine replays twice; the spool writes it with each commit), the routing table and the
+sequence numbers. The reader only asks it where to resume (`resume_point`), which changes
+nothing; a new engine's state is taken up when its `Connected` marker comes through the queue,
+in order with the lines.
+
+Gaps are said, never hidden: a replay that does not reach back to the cursor, a spool that was
+corrupt (moved aside, and the engine's whole replay asked for), a cursor ahead of the engine's
+clock (clamped to it): each is a `relay.gap` event, a metric and a log line.
 """
 
 from __future__ import annotations
@@ -13,15 +18,16 @@ from __future__ import annotations
 import asyncio
 import logging
 
-from relay.checkpoint import CheckpointStore, CheckpointTracker, Position
+from relay.cursor import Position
 from relay.deadletter import DeadLetter
 from relay.engine import Connected, QueueItem
 from relay.lifecycle import TaskStatus
 from relay.metrics import Metrics
 from relay.normalize import MalformedEventError, Normalizer, since_param
-from relay.router import RouteTable
+from relay.router import RouteTable, Target
 from relay.schema import Engine, Event
 from relay.settings import SchemaSettings
+from relay.spool import Recovered, Spool
 
 log = logging.getLogger("relay.pipeline")
 
@@ -33,38 +39,56 @@ class Pipeline:
         self,
         queue: asyncio.Queue[QueueItem],
         routes: RouteTable,
-        store: CheckpointStore,
+        spool: Spool,
         dead_letter: DeadLetter,
         metrics: Metrics,
         schema: SchemaSettings,
     ) -> None:
         self.queue = queue
         self.routes = routes
-        self.store = store
+        self.spool = spool
         self.dead_letter = dead_letter
         self.metrics = metrics
         self.schema = schema
-        self.tracker = CheckpointTracker()
         self.cursor = Position()
         self.normalizer: Normalizer | None = None
         self.seq = 0
         self._check_gap_since: int | None = None
-        # The stored position of the engine last asked about, read once per engine.
-        self._loaded: tuple[str, Position | None] | None = None
+        # A gap to report at the first event of the next stream, and why.
+        self._pending_gap: str | None = None
+        self._recovered = Recovered()
+        spool.follow(self._cursor)
+
+    def recover(self, recovered: Recovered) -> None:
+        """What the spool held: the cursor, the next sequence number, a corrupt spool."""
+        self._recovered = recovered
+        self.seq = recovered.next_seq - 1
+        if recovered.corrupt is not None:
+            self.metrics.replay_gaps.inc()
+            self._pending_gap = f"the spool was unusable ({recovered.corrupt})"
+
+    def _cursor(self) -> tuple[str, Position] | None:
+        if self.normalizer is None:
+            return None
+        return self.normalizer.engine.id, self.cursor
 
     # -- what the reader may ask -------------------------------------------------------------
 
     def resume_point(self, engine_id: str) -> int | None:
-        """The newest timeNano handled on engine `engine_id`, None when there is none."""
+        """The newest timeNano read from engine `engine_id`; None for "from now"; 1 for all the
+        engine can replay (after the spool was lost)."""
         if self.normalizer is not None and self.normalizer.engine.id == engine_id:
             return self.cursor.time_nano or None
+        if self._pending_gap is not None and self.normalizer is None:
+            return 1
         stored = self._stored(engine_id)
         return stored.time_nano if stored is not None and stored.time_nano else None
 
     def _stored(self, engine_id: str) -> Position | None:
-        if self._loaded is None or self._loaded[0] != engine_id:
-            self._loaded = (engine_id, self.store.load(engine_id))
-        return self._loaded[1]
+        recovered = self._recovered
+        if recovered.position is None or recovered.engine_id != engine_id:
+            return None
+        return recovered.position
 
     # -- the component -------------------------------------------------------------------------
 
@@ -80,18 +104,30 @@ class Pipeline:
 
     def _handle(self, item: QueueItem) -> None:
         if isinstance(item, Connected):
-            self._connected(item.engine)
+            self._connected(item.engine, item.clamped_from, item.engine_now)
         else:
             self.dispatch(item)
 
-    def _connected(self, engine: Engine) -> None:
+    def _connected(self, engine: Engine, clamped_from: int | None, now: int) -> None:
         if self.normalizer is None or self.normalizer.engine.id != engine.id:
             stored = self._stored(engine.id)
-            self.tracker.reset(engine.id, stored)
+            if stored is None and self._recovered.engine_id not in (None, engine.id):
+                log.warning(
+                    "the spool's position belongs to engine %s, not %s: reading from now",
+                    self._recovered.engine_id,
+                    engine.id,
+                )
             self.cursor = stored.copy() if stored is not None else Position()
         self.normalizer = Normalizer(
             engine, type_prefix=self.schema.type_prefix, exec_command=self.schema.exec_command
         )
+        if clamped_from is not None:
+            self.metrics.replay_gaps.inc()
+            self.cursor.rewind(now)
+            self._pending_gap = (
+                f"the position ({since_param(clamped_from)}) was ahead of the engine's clock "
+                f"({since_param(now)}): read from the engine's now"
+            )
         # A replay that does not reach back to the newest event handled may have a gap.
         self._check_gap_since = self.cursor.time_nano or None
 
@@ -112,6 +148,10 @@ class Pipeline:
                 self.dead_letter.write_raw(exc.raw, reason="malformed", error=exc)
                 continue
             data = ce.data
+            if self._pending_gap is not None:
+                why, self._pending_gap = self._pending_gap, None
+                self._check_gap_since = None
+                self._report_gap(normalizer, self.cursor.time_nano, data.time_nano, why)
             if self._check_gap_since is not None:
                 since, self._check_gap_since = self._check_gap_since, None
                 if data.time_nano > since:
@@ -123,23 +163,45 @@ class Pipeline:
             self.metrics.read(data.type, data.action, data.reclaimed_bytes)
             self._emit(Event(ce))
 
+    def deliver_to(self, target: Target, event: Event) -> None:
+        """An event for one target alone (a replayed dead letter), behind what it has."""
+        self.seq += 1
+        event.seq = self.seq
+        self.spool.add(event, target.bit)
+        target.put(event)
+
     def _emit(self, event: Event) -> None:
         self.seq += 1
         event.seq = self.seq
         targets = self.routes.targets(event)
-        # Tracked before it is handed on: a target may finish with it at once (dead-letter).
-        self.tracker.track(event.seq, event.time_nano, event.id, len(targets))
+        if not targets:
+            return
+        owed = 0
+        for target in targets:
+            owed |= target.bit
+        # In the spool before it is handed on: a target may finish with it at once.
+        self.spool.add(event, owed)
         for target in targets:
             target.put(event)
 
     def _gap(self, normalizer: Normalizer, since: int, first: int) -> None:
         self.metrics.replay_gaps.inc()
         log.warning(
-            "the engine's replay starts after the last event handled (since=%s, first=%s): "
+            "the engine's replay starts after the last event read (since=%s, first=%s): "
             "events in between may be lost (engine restarted, or more than 256 events since)",
             since_param(since),
             since_param(first),
         )
-        ce = normalizer.gap(since, first, "replay did not reach back to the last handled event")
+        self._emit_gap(
+            normalizer, since, first, "replay did not reach back to the last handled event"
+        )
+
+    def _report_gap(self, normalizer: Normalizer, since: int, first: int, why: str) -> None:
+        # Counted where it was found (recover, _connected); said here, where it can be an event.
+        log.error("events may be missing: %s", why)
+        self._emit_gap(normalizer, since, first, why)
+
+    def _emit_gap(self, normalizer: Normalizer, since: int, first: int, why: str) -> None:
+        ce = normalizer.gap(since, first, why)
         self.cursor.advance(first, ce.id)
         self._emit(Event(ce))

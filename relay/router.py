@@ -63,7 +63,9 @@ _CATCH_ALL = RouteFilter()
 
 
 class Target(Protocol):
-    """Where routed events go: a sink's outbox."""
+    """Where routed events go: a sink's worker, and its bit in the spool."""
+
+    bit: int
 
     def put(self, event: Event) -> None: ...
 

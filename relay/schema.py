@@ -63,6 +63,7 @@ class CloudEvent(msgspec.Struct, frozen=True, omit_defaults=True, kw_only=True):
 
 
 _encoder = msgspec.json.Encoder()
+_decoder = msgspec.json.Decoder(CloudEvent)
 
 
 class Event:
@@ -79,6 +80,13 @@ class Event:
         self.seq = seq
         self._json: bytes | None = None
         self._data_json: bytes | None = None
+
+    @classmethod
+    def from_json(cls, body: bytes, seq: int) -> Event:
+        """An event read back from its structured encoding (the spool keeps that)."""
+        event = cls(_decoder.decode(body), seq)
+        event._json = body
+        return event
 
     @property
     def time_nano(self) -> int:

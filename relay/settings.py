@@ -84,11 +84,46 @@ class RetrySettings(_Section):
 
 
 class OutboxSettings(_Section):
-    max_events: int = Field(default=100_000, ge=1, description="Events held per sink.")
+    max_events: int = Field(
+        default=10_000,
+        ge=1,
+        description="Events a sink holds in memory; the rest of its backlog waits in the spool "
+        "on disk and is read back in order.",
+    )
+
+
+class SpoolSettings(_Section):
+    """The durable spool, STATE_DIR/spool.db: what each sink still owes survives any crash."""
+
+    max_bytes: int = Field(
+        default=256 * 1024**2,
+        ge=1024,
+        description="Bytes of events one sink may hold (memory and disk); beyond, `overflow`.",
+    )
+    max_total_bytes: int = Field(
+        default=1024**3,
+        ge=1024,
+        description="Bytes of events all sinks together may hold; beyond, `overflow`.",
+    )
     overflow: Literal["dead_letter", "drop_oldest", "drop_newest"] = Field(
         default="dead_letter",
-        description="When a sink's outbox is full: write the newest event to the dead-letter "
+        description="When a sink's spool is full: write the newest event to the dead-letter "
         "file (nothing lost), or drop the oldest or newest (counted in a metric).",
+    )
+    fsync: bool = Field(
+        default=True,
+        description="fsync every commit (SQLite synchronous=FULL): a power loss or kernel "
+        "crash loses nothing committed. false (NORMAL): faster commits; a power loss may lose "
+        "the last commits, a process crash still loses nothing.",
+    )
+    commit_interval: float = Field(
+        default=0.05,
+        gt=0,
+        le=5,
+        description="Seconds between group commits (sooner when commit_max_events are waiting).",
+    )
+    commit_max_events: int = Field(
+        default=500, ge=1, description="Events that start a commit before the interval is up."
     )
 
 
@@ -132,12 +167,14 @@ class Settings(BaseSettings):
     sinks: list[SinkConfigBase] = Field(default_factory=list)
     retry: RetrySettings = Field(default_factory=RetrySettings)
     outbox: OutboxSettings = Field(default_factory=OutboxSettings)
+    spool: SpoolSettings = Field(default_factory=SpoolSettings)
     schema_: SchemaSettings = Field(default_factory=SchemaSettings, alias="schema")
     log: LogSettings = Field(default_factory=LogSettings)
     http: HttpSettings = Field(default_factory=HttpSettings)
     state_dir: Path = Field(
         default=Path("/var/lib/docker-event-relay"),
-        description="Where the checkpoint lives (the `since` used after a restart).",
+        description="Where the spool lives (spool.db: the events each sink still owes, and "
+        "the position in the engine's stream), and the dead-letter file.",
     )
     dead_letter_path: Path | None = Field(
         default=None,
@@ -153,9 +190,6 @@ class Settings(BaseSettings):
     )
     startup_timeout: float = Field(
         default=10.0, ge=0, description="Seconds to wait for sinks before reading anyway."
-    )
-    checkpoint_interval: float = Field(
-        default=0.2, gt=0, description="Seconds between checkpoint writes."
     )
 
     def check(self) -> None:

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
+import sqlite3
 import threading
 import time
 from collections.abc import AsyncIterator, Sequence
@@ -30,7 +32,6 @@ def relay_settings(docker_host: str, state_dir: Path, **overrides: Any) -> Setti
         "engine": {"host": docker_host},
         "state_dir": state_dir,
         "http": {"enabled": False},
-        "checkpoint_interval": 0.05,
         "drain_timeout": 5.0,
         "startup_timeout": 5.0,
     }
@@ -42,6 +43,24 @@ def relay_settings(docker_host: str, state_dir: Path, **overrides: Any) -> Setti
     settings = plugins.settings_model()(**values)
     settings.check()
     return settings
+
+
+def spool_cursor(state_dir: Path) -> dict[str, Any] | None:
+    """The engine cursor the spool in `state_dir` holds (engine_id, time_nano, ids), if any."""
+    path = state_dir / "spool.db"
+    if not path.exists():
+        return None
+    with contextlib.closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True)) as db:
+        row = db.execute("SELECT value FROM meta WHERE key = 'cursor'").fetchone()
+    return None if row is None else dict(json.loads(row[0]))
+
+
+def spool_owed(state_dir: Path) -> list[dict[str, Any]]:
+    """The events the spool in `state_dir` still holds for some sink, in order."""
+    path = state_dir / "spool.db"
+    with contextlib.closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True)) as db:
+        rows = db.execute("SELECT body FROM events ORDER BY seq").fetchall()
+    return [json.loads(body) for (body,) in rows]
 
 
 class Recorder(Sink):

@@ -592,6 +592,6 @@ def test_container_image_relays_events_from_the_mounted_socket(
         engine.cli("stop", "--time", "20", name)
         state = engine.cli("inspect", "--format", "{{.State.ExitCode}}", name).stdout.strip()
         assert state == "0"
-        assert "stopped; checkpoint at timeNano" in engine.cli("logs", name).stderr
+        assert "held in the spool for the next start" in engine.cli("logs", name).stderr
     finally:
         engine.cli("rm", "--force", name, check=False)

@@ -22,7 +22,7 @@ from relay.router import RouteFilter
 from sinks.stdout import StdoutSink
 from tests.harness import PrivateEngine, async_wait_for, wait_for
 from tests.harness.engine import docker_cli_path
-from tests.relay_harness import RelayThread, relay_settings, running_relay
+from tests.relay_harness import RelayThread, relay_settings, running_relay, spool_cursor
 from tests.scenarios import (
     PRUNED_TYPES,
     create_volumes,
@@ -183,7 +183,6 @@ def _start_cli_relay(
             "RELAY_ENGINE__FILTERS": json.dumps({"type": ["volume"]}),
             "RELAY_STATE_DIR": str(state),
             "RELAY_HTTP__ENABLED": "false",
-            "RELAY_CHECKPOINT_INTERVAL": "0.05",
         }
     )
     proc = subprocess.Popen(
@@ -202,7 +201,7 @@ def _start_cli_relay(
     return proc
 
 
-def test_restart_resumes_from_the_checkpoint_without_duplicates(
+def test_restart_resumes_from_the_spool_cursor_without_duplicates(
     engine: PrivateEngine, tmp_path: Path
 ) -> None:
     tag = uuid.uuid4().hex[:8]
@@ -226,14 +225,13 @@ def test_restart_resumes_from_the_checkpoint_without_duplicates(
         timeout=30,
         message="first run delivered the a-volumes",
     )
-    checkpoint = state / "checkpoint.json"
     wait_for(
         lambda: (
-            checkpoint.exists()
-            and json.loads(checkpoint.read_text())["time_nano"] == seen_a[-1]["data"]["time_nano"]
+            (cursor := spool_cursor(state)) is not None
+            and cursor["time_nano"] == seen_a[-1]["data"]["time_nano"]
         ),
         timeout=10,
-        message="checkpoint caught up",
+        message="the spool's cursor caught up",
     )
     first.kill()  # no goodbye: SIGKILL mid-stream
     first.wait(10)

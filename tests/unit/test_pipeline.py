@@ -17,7 +17,7 @@ import msgspec
 import pytest
 import stamina
 
-from relay.checkpoint import CheckpointStore, CheckpointTracker, Position
+from relay.cursor import Position
 from relay.deadletter import DeadLetter
 from relay.errors import (
     PartialDeliveryError,
@@ -28,12 +28,13 @@ from relay.errors import (
 )
 from relay.lifecycle import TaskStatus
 from relay.metrics import Metrics
-from relay.outbox import SinkWorker
+from relay.outbox import Budget, SinkWorker
 from relay.retry import RetryPolicy
 from relay.router import RouteFilter
 from relay.schema import Event
 from relay.settings import RetrySettings
 from relay.sink import Sink
+from relay.spool import Spool
 from tests.contract import sample_events
 
 DEFAULTS = RetrySettings()
@@ -73,34 +74,53 @@ class ScriptedSink(Sink):
         pass
 
 
+_spools: list[Spool] = []
+
+
+@pytest.fixture(autouse=True)
+def _close_spools() -> Iterator[None]:
+    yield
+    while _spools:
+        _spools.pop().close()
+
+
 def make_worker(
     sink: Sink,
     tmp_path: Path,
     *,
-    max_events: int = 1000,
+    window: int = 1000,
     overflow: str = "dead_letter",
+    max_bytes: int = 10**9,
     retry: RetrySettings = DEFAULTS,
-) -> tuple[SinkWorker, CheckpointTracker, DeadLetter, Metrics]:
-    tracker = CheckpointTracker()
-    tracker.reset("E", None)
-    dl = DeadLetter(tmp_path / "dl.jsonl")
+) -> tuple[SinkWorker, Spool, DeadLetter, Metrics]:
     metrics = Metrics()
+    spool = Spool(tmp_path / "spool.db", metrics)
+    _spools.append(spool)
+    recovered = spool.open([sink.name])
+    dl = DeadLetter(tmp_path / "dl.jsonl", spool, metrics)
     worker = SinkWorker(
         sink,
-        max_events,
-        overflow,
+        window,
+        overflow,  # type: ignore[arg-type]
+        max_bytes,
+        Budget(10**10),
+        spool,
         RetryPolicy(retry),
-        dl,  # type: ignore[arg-type]
+        dl,
         metrics,
-        tracker.done,
     )
-    return worker, tracker, dl, metrics
+    worker.recover(spool.bits[sink.name], recovered.backlog[sink.name])
+    return worker, spool, dl, metrics
 
 
-def feed(worker: SinkWorker, tracker: CheckpointTracker, events: list[Event]) -> None:
+def feed(worker: SinkWorker, spool: Spool, events: list[Event]) -> None:
     for e in events:
-        tracker.track(e.seq, e.time_nano, e.id, 1)
+        spool.add(e, worker.bit)
         worker.put(e)
+
+
+def owes_nothing(worker: SinkWorker, spool: Spool) -> bool:
+    return worker.held_events == 0 and not spool.held(worker.bit, 0)
 
 
 async def drain(worker: SinkWorker) -> None:
@@ -152,26 +172,10 @@ def test_route_filter_conditions() -> None:
     assert RouteFilter().is_catch_all and not big.is_catch_all
 
 
-# -- checkpoint ------------------------------------------------------------------------------
+# -- the cursor -----------------------------------------------------------------------------
 
 
-def test_checkpoint_advances_over_the_contiguous_finished_prefix() -> None:
-    t = CheckpointTracker()
-    t.reset("E", None)
-    t.track(1, 100, "a", 2)
-    t.track(2, 200, "b", 1)
-    t.track(3, 300, "c", 0)  # routed nowhere: finished at once, but behind 1 and 2
-    assert t.position.time_nano == 0
-    t.done(2)
-    assert t.position.time_nano == 0  # 1 is still owed by two sinks
-    t.done(1)
-    assert t.position.time_nano == 0
-    t.done(1)
-    assert t.position.time_nano == 300 and t.position.ids == ["a", "b", "c"]
-    assert t.in_flight == 0
-
-
-def test_position_dedupes_by_id_within_a_bounded_window(tmp_path: Path) -> None:
+def test_position_dedupes_by_id_within_a_bounded_window() -> None:
     p = Position(keep=3)
     p.advance(5, "a")
     p.advance(7, "b")
@@ -180,12 +184,8 @@ def test_position_dedupes_by_id_within_a_bounded_window(tmp_path: Path) -> None:
     assert p.seen("a") and p.seen("b") and p.seen("c") and not p.seen("d")
     p.advance(8, "d")
     assert not p.seen("a") and p.ids == ["b", "c", "d"]  # bounded: the oldest id goes
-    store = CheckpointStore(tmp_path)
-    store.save("E", p)
-    assert store.load("E") == Position(8, ["b", "c", "d"])
-    assert store.load("OTHER") is None  # another engine's checkpoint is not used
-    (tmp_path / "checkpoint.json").write_text("{garbage")
-    assert store.load("E") is None
+    p.rewind(4)
+    assert p.time_nano == 4 and p.ids == ["b", "c", "d"]
 
 
 # -- outbox outcomes -------------------------------------------------------------------------
@@ -195,15 +195,15 @@ async def test_retryable_failures_are_retried_in_order_then_delivered(
     tmp_path: Path, no_waits: None
 ) -> None:
     sink = ScriptedSink([RetryableSinkError("down"), RetryableSinkError("down"), None])
-    worker, tracker, _, metrics = make_worker(sink, tmp_path)
+    worker, spool, _, metrics = make_worker(sink, tmp_path)
     events = sample_events(25)
-    feed(worker, tracker, events)
+    feed(worker, spool, events)
     await drain(worker)
     assert sink.delivered == [e.id for e in events]
     assert sink.calls[0] == sink.calls[1] == sink.calls[2]  # the same batch, three times
     assert value(metrics, "relay_events_delivered_total", sink="scripted") == 25
     assert value(metrics, "relay_events_retried_total", sink="scripted") == 20
-    assert tracker.position.time_nano == events[-1].time_nano
+    assert owes_nothing(worker, spool)
     assert worker.failing_since is None
 
 
@@ -211,9 +211,9 @@ async def test_permanent_failure_dead_letters_the_batch_with_the_error(
     tmp_path: Path, no_waits: None
 ) -> None:
     sink = ScriptedSink([PermanentSinkError("422 unprocessable", sink="scripted")])
-    worker, tracker, dl, metrics = make_worker(sink, tmp_path)
+    worker, spool, dl, metrics = make_worker(sink, tmp_path)
     events = sample_events(12)
-    feed(worker, tracker, events)
+    feed(worker, spool, events)
     await drain(worker)
     records = dead_letters(dl.path)
     assert [r["event"]["id"] for r in records] == [e.id for e in events[:10]]
@@ -226,7 +226,7 @@ async def test_permanent_failure_dead_letters_the_batch_with_the_error(
         value(metrics, "relay_events_dead_lettered_total", sink="scripted", reason="permanent")
         == 10
     )
-    assert tracker.position.time_nano == events[-1].time_nano
+    assert owes_nothing(worker, spool)
 
 
 async def test_partial_delivery_acks_some_retries_some_dead_letters_some(
@@ -237,20 +237,20 @@ async def test_partial_delivery_acks_some_retries_some_dead_letters_some(
         {1: PermanentSinkError("too large"), 3: RetryableSinkError("timeout")}
     )
     sink = ScriptedSink([partial, None])
-    worker, tracker, dl, _ = make_worker(sink, tmp_path)
-    feed(worker, tracker, events)
+    worker, spool, dl, _ = make_worker(sink, tmp_path)
+    feed(worker, spool, events)
     await drain(worker)
     assert sink.calls == [[e.id for e in events], [events[3].id]]
     assert sink.delivered == [events[0].id, events[2].id, events[3].id]
     assert [r["event"]["id"] for r in dead_letters(dl.path)] == [events[1].id]
-    assert tracker.position.time_nano == events[-1].time_nano
+    assert owes_nothing(worker, spool)
 
 
 async def test_exhausted_retries_dead_letter(tmp_path: Path, no_waits: None) -> None:
     sink = ScriptedSink([RetryableSinkError("down")] * 10)
-    worker, tracker, dl, _ = make_worker(sink, tmp_path, retry=RetrySettings(attempts=3))
+    worker, spool, dl, _ = make_worker(sink, tmp_path, retry=RetrySettings(attempts=3))
     events = sample_events(2)
-    feed(worker, tracker, events)
+    feed(worker, spool, events)
     await drain(worker)
     assert len(sink.calls) == 3
     assert [r["reason"] for r in dead_letters(dl.path)] == ["retries_exhausted"] * 2
@@ -258,17 +258,17 @@ async def test_exhausted_retries_dead_letter(tmp_path: Path, no_waits: None) -> 
 
 async def test_stopped_sink_dead_letters_everything_after(tmp_path: Path, no_waits: None) -> None:
     sink = ScriptedSink([SinkStoppedError("410 Gone")])
-    worker, tracker, dl, metrics = make_worker(sink, tmp_path)
+    worker, spool, dl, metrics = make_worker(sink, tmp_path)
     events = sample_events(15)
-    feed(worker, tracker, events)
+    feed(worker, spool, events)
     await drain(worker)
     later = sample_events(2)
-    feed(worker, tracker, later)
+    feed(worker, spool, later)
     assert worker.stopped_reason == "410 Gone"
     assert len(sink.calls) == 1
     assert [r["event"]["id"] for r in dead_letters(dl.path)] == [e.id for e in events + later]
     assert value(metrics, "relay_sink_stopped", sink="scripted") == 1
-    assert tracker.in_flight == 0
+    assert owes_nothing(worker, spool)
 
 
 async def test_a_sink_that_can_never_start_is_stopped_alone(tmp_path: Path, no_waits: None) -> None:
@@ -277,14 +277,14 @@ async def test_a_sink_that_can_never_start_is_stopped_alone(tmp_path: Path, no_w
             raise PermanentSinkError("bad credentials, for good")
 
     sink = Refusing()
-    worker, tracker, dl, metrics = make_worker(sink, tmp_path)
+    worker, spool, dl, metrics = make_worker(sink, tmp_path)
     events = sample_events(3)
-    feed(worker, tracker, events)
+    feed(worker, spool, events)
     await drain(worker)
     assert worker.stopped_reason is not None and "for good" in worker.stopped_reason
     assert [r["event"]["id"] for r in dead_letters(dl.path)] == [e.id for e in events]
     assert {r["reason"] for r in dead_letters(dl.path)} == {"sink_stopped"}
-    assert sink.calls == [] and tracker.in_flight == 0
+    assert sink.calls == [] and owes_nothing(worker, spool)
     assert value(metrics, "relay_sink_stopped", sink="scripted") == 1
 
 
@@ -292,9 +292,9 @@ async def test_unexpected_exceptions_are_treated_as_retryable(
     tmp_path: Path, no_waits: None
 ) -> None:
     sink = ScriptedSink([KeyError("bug in a client library"), None])
-    worker, tracker, _, _ = make_worker(sink, tmp_path)
+    worker, spool, _, _ = make_worker(sink, tmp_path)
     events = sample_events(3)
-    feed(worker, tracker, events)
+    feed(worker, spool, events)
     await drain(worker)
     assert sink.delivered == [e.id for e in events]
 
@@ -302,20 +302,26 @@ async def test_unexpected_exceptions_are_treated_as_retryable(
 @pytest.mark.parametrize("overflow", ["dead_letter", "drop_oldest", "drop_newest"])
 def test_overflow_policies(tmp_path: Path, overflow: str) -> None:
     sink = ScriptedSink()
-    worker, tracker, dl, metrics = make_worker(sink, tmp_path, max_events=3, overflow=overflow)
     events = sample_events(5)
-    feed(worker, tracker, events)
+    room = sum(len(e.json()) for e in events[:3])
+    worker, spool, dl, metrics = make_worker(sink, tmp_path, max_bytes=room, overflow=overflow)
+    feed(worker, spool, events)
     kept = [e.id for e in worker.outbox.take_all()]
     ids = [e.id for e in events]
     if overflow == "dead_letter":
         assert kept == ids[:3]
         assert [r["event"]["id"] for r in dead_letters(dl.path)] == ids[3:]
     elif overflow == "drop_oldest":
-        assert kept == ids[2:]
-        assert value(metrics, "relay_events_dropped_total", sink="scripted") == 2
+        # The oldest go until the newest fits: what is kept is the newest run that fits.
+        assert kept == ids[len(ids) - len(kept) :] and ids[-1] in kept
+        assert sum(len(e.json()) for e in events if e.id in kept) <= room
+        assert value(metrics, "relay_events_dropped_total", sink="scripted") == 5 - len(kept)
     else:
         assert kept == ids[:3]
         assert value(metrics, "relay_events_dropped_total", sink="scripted") == 2
+    # What went over is finished for the spool too: only what was kept is still owed.
+    assert worker.held_events == len(kept)
+    assert [e.id for e in spool.held(worker.bit, 0)] == kept
 
 
 # -- the retry policy ------------------------------------------------------------------------
@@ -360,10 +366,10 @@ async def test_the_first_retry_waits_for_retry_after_too(tmp_path: Path) -> None
 
     sink = Stamping([RetryableSinkError("429", retry_after=0.3), None])
     # A backoff of 10 s: a retry after 0.3 s can only be the Retry-After.
-    worker, tracker, _, _ = make_worker(
+    worker, spool, _, _ = make_worker(
         sink, tmp_path, retry=RetrySettings(wait_initial=10, wait_max=10, retry_after_max=5)
     )
-    feed(worker, tracker, sample_events(1))
+    feed(worker, spool, sample_events(1))
     await drain(worker)
     assert len(stamps) == 2
     assert 0.3 <= stamps[1] - stamps[0] < 5.0
@@ -372,7 +378,10 @@ async def test_the_first_retry_waits_for_retry_after_too(tmp_path: Path) -> None
 async def test_linger_waits_for_a_full_batch_but_not_longer() -> None:
     from relay.outbox import Outbox
 
-    box = Outbox(100, "dead_letter", lambda e, o: None)
+    async def nothing_on_disk(after: int, limit: int) -> list[Event]:
+        return []
+
+    box = Outbox(100, nothing_on_disk)
     events = sample_events(7)
     box.put(events[0])
 

@@ -31,7 +31,7 @@ def test_defaults_without_any_config() -> None:
     s = load_settings()
     assert s.sinks == []
     assert s.engine.host is None
-    assert s.outbox.overflow == "dead_letter"
+    assert s.spool.overflow == "dead_letter" and s.spool.fsync is True
     assert s.retry.attempts is None
     assert s.dead_letter_file == Path("/var/lib/docker-event-relay/dead-letter.jsonl")
 
@@ -82,7 +82,7 @@ def test_sinks_from_env_json(monkeypatch: pytest.MonkeyPatch) -> None:
             "sinks[0].filter.min_reclaimed_bytes",
             "greater than or equal",
         ),
-        ("outbox: {overflow: explode}", "outbox.overflow", "dead_letter"),
+        ("spool: {overflow: explode}", "spool.overflow", "dead_letter"),
         ("engine: {queue_max: 5}", "engine.queue_max", "1000"),
         ("log: {format: xml}", "log.format", "json"),
         ("sinks: [{type: stdout}, {type: stdout}]", "sinks[1].name", "two sinks"),
@@ -218,4 +218,4 @@ def test_sigterm_while_sinks_connect_stops_at_once(tmp_path: Path) -> None:
     finally:
         if proc.poll() is None:
             proc.kill()
-    assert b"stopped; checkpoint" in err.read_bytes()
+    assert b"held in the spool for the next start" in err.read_bytes()
