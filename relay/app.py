@@ -59,7 +59,7 @@ class Relay:
         self.queue: asyncio.Queue[QueueItem] = asyncio.Queue()
         sp = settings.spool
         self.spool = Spool(
-            settings.state_dir / "spool.db",
+            settings.state_dir / ("spool.db" if sp.durable else ":memory:"),
             self.metrics,
             fsync=sp.fsync,
             commit_interval=sp.commit_interval,

@@ -110,6 +110,11 @@ class SpoolSettings(_Section):
         description="When a sink's spool is full: write the newest event to the dead-letter "
         "file (nothing lost), or drop the oldest or newest (counted in a metric).",
     )
+    durable: bool = Field(
+        default=True,
+        description="Keep the spool on disk. false: in memory only (nothing survives a restart, "
+        "each start is a first start); for measuring what the disk costs, not for production.",
+    )
     fsync: bool = Field(
         default=True,
         description="fsync every commit (SQLite synchronous=FULL): a power loss or kernel "

@@ -121,6 +121,8 @@ class Spool:
         commit_max_events: int = 500,
     ) -> None:
         self.path = path
+        # No file: a spool in memory (`spool.durable: false`), the same code without the disk.
+        self.durable = path.name != ":memory:"
         self.metrics = metrics
         self.fsync = fsync
         self.commit_interval = commit_interval
@@ -154,9 +156,10 @@ class Spool:
         that is not a usable spool is moved aside, kept for inspection, and a fresh one made.
         Raises sqlite3.OperationalError / OSError when the file cannot be opened or written at
         all (the caller names the setting)."""
-        self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         corrupt: str | None = None
-        if self.path.exists() and self.path.stat().st_size == 0:
+        if self.durable:
+            self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        if self.durable and self.path.exists() and self.path.stat().st_size == 0:
             # The spool is created with its schema in one go: an empty file is a broken one.
             corrupt = self._move_aside("the file is empty")
         try:
@@ -170,9 +173,11 @@ class Spool:
         return recovered
 
     def _open(self, sinks: list[str]) -> Recovered:
-        db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=True)
+        target = str(self.path) if self.durable else ":memory:"
+        db = sqlite3.connect(target, isolation_level=None, check_same_thread=True)
         try:
-            os.chmod(self.path, 0o600)
+            if self.durable:
+                os.chmod(self.path, 0o600)
             db.execute("PRAGMA journal_mode=WAL")
             db.execute(f"PRAGMA synchronous={'FULL' if self.fsync else 'NORMAL'}")
             check = db.execute("PRAGMA quick_check").fetchone()
