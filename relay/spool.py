@@ -28,6 +28,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import itertools
 import logging
 import os
 import sqlite3
@@ -87,6 +88,9 @@ def _chunks(items: Sequence[T], size: int) -> Iterator[Sequence[T]]:
     for start in range(0, len(items), size):
         yield items[start : start + size]
 
+
+# Rows one commit writes at most (a few tens of ms on the event loop).
+_MAX_ROWS_PER_COMMIT = 5000
 
 # WAL bytes after which a commit is followed by a checkpoint.
 _CHECKPOINT_AT = 8 * 1024**2
@@ -180,6 +184,8 @@ class Spool:
         corrupt: str | None = None
         if self.durable:
             self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            # The state directory is the relay's alone: the events carry labels and commands.
+            os.chmod(self.path.parent, 0o700)
         if self.durable and self.path.exists() and self.path.stat().st_size == 0:
             # The spool is created with its schema in one go: an empty file is a broken one.
             corrupt = self._move_aside("the file is empty")
@@ -463,12 +469,22 @@ class Spool:
             and cursor is None
         ):
             return None
+        if len(self._pending) > _MAX_ROWS_PER_COMMIT:
+            # A backlog held in memory (the disk failed for a while): written in parts, so the
+            # event loop, which writes them, never stalls the reader for long. The cursor waits
+            # for the last part: it may only cover what is written.
+            cursor = None
+            items = iter(self._pending.items())
+            self._committing = dict(itertools.islice(items, _MAX_ROWS_PER_COMMIT))
+            self._pending = dict(items)
+            self._wake.set()
+        else:
+            self._committing, self._pending = self._pending, {}
         inserts = [
             (seq, h.event.time_nano, h.owed, h.event.json())
-            for seq, h in self._pending.items()
+            for seq, h in self._committing.items()
             if h.owed
         ]
-        self._committing, self._pending = self._pending, {}
         acks, self._acks = self._acks, []
         self._in_commit_dead, self._dead = self._dead, []
         self._in_commit_requeued, self._requeued = self._requeued, []
