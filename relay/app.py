@@ -197,6 +197,7 @@ class Relay:
     async def _drain(self, reader: Running, pipeline: Running, workers: list[Running]) -> None:
         timeout = self.settings.drain_timeout
         log.info("stopping: no more reading; draining for at most %.1fs", timeout)
+        self.spool.stop_replays()
         await reader.stop()
         await pipeline.stop()
         self.pipeline.drain_nowait()

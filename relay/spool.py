@@ -359,6 +359,10 @@ class Spool:
             await self._look_for_replays()
             await self.commit()
 
+    def stop_replays(self) -> None:
+        """Shutting down: replayed dead letters wait in the spool for the next start."""
+        self._next_requeue_look = float("inf")
+
     async def _look_for_replays(self) -> None:
         loop = asyncio.get_running_loop()
         if self._failures or loop.time() < self._next_requeue_look:
