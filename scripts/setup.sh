@@ -2,7 +2,8 @@
 # One-shot, idempotent set-up of a fresh Debian 12 machine for development and CI:
 #   * Debian packages: the 20.10 Docker Engine, busybox-static (for the test image),
 #     debootstrap (a local base for the container image test),
-#     mosquitto, stunnel4 and openssl (TLS tests);
+#     mosquitto, stunnel4 and openssl (TLS tests), prometheus (promtool and a real server
+#     for the alert rule and dashboard tests);
 #   * the project's virtualenv in .venv with the [test,bench] extras (ships tansu and the
 #     local S3 tansu keeps data in), and the example sink plugin (examples/sink-plugin);
 #   * Debian forky's Docker Engine 28.5 unpacked under .cache/engines/forky/ without
@@ -16,7 +17,7 @@ cd "$REPO"
 log() { printf '[setup] %s\n' "$*" >&2; }
 
 # --- 1. Debian packages -------------------------------------------------------------------
-APT_PACKAGES=(docker.io busybox-static mosquitto stunnel4 openssl debootstrap)
+APT_PACKAGES=(docker.io busybox-static mosquitto stunnel4 openssl debootstrap prometheus)
 
 missing=()
 for pkg in "${APT_PACKAGES[@]}"; do
@@ -29,7 +30,7 @@ done
 if ((${#missing[@]})); then
     log "installing: ${missing[*]}"
     # A policy-rc.d that answers 101 keeps invoke-rc.d from starting the system dockerd,
-    # containerd or mosquitto while the packages install: the tests start private
+    # containerd, mosquitto or prometheus while the packages install: the tests start private
     # instances and a system daemon would only hold ports and /run/docker.sock.
     policy=/usr/sbin/policy-rc.d
     own_policy=0
@@ -50,7 +51,7 @@ fi
 
 # The system daemons must never auto-start (there is no systemd here, but sysvinit links
 # exist and a machine of another kind might boot them). Disabling is idempotent.
-for svc in docker containerd mosquitto stunnel4; do
+for svc in docker containerd mosquitto stunnel4 prometheus; do
     if [[ -e /etc/init.d/$svc ]] && command -v update-rc.d >/dev/null; then
         update-rc.d "$svc" disable >/dev/null 2>&1 || true
     fi

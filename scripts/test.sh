@@ -13,8 +13,8 @@ cd "$REPO"
 bash scripts/setup.sh
 
 echo "[test] ruff" >&2
-.venv/bin/ruff check relay sinks tests bench examples
-.venv/bin/ruff format --check relay sinks tests bench examples
+.venv/bin/ruff check relay sinks tests bench examples scripts
+.venv/bin/ruff format --check relay sinks tests bench examples scripts
 echo "[test] mypy --strict relay sinks, and the example plugin" >&2
 .venv/bin/mypy
 .venv/bin/mypy --strict examples/sink-plugin/relay_sink_jsonl

@@ -279,8 +279,9 @@ def test_kustomization_applies_every_manifest() -> None:
     assert kustomization["namespace"] == by_kind("Namespace")["metadata"]["name"]
     listed = set(kustomization["resources"])
     on_disk = {p.name for p in K8S.glob("*.yaml")} - {"kustomization.yaml"}
-    # The ServiceMonitor needs the Prometheus Operator's CRDs: listed, commented out.
-    assert on_disk - listed == {"servicemonitor.yaml"}
+    # The ServiceMonitor and the PrometheusRule need the Prometheus Operator's CRDs: listed,
+    # commented out (tests/unit/test_deploy_monitoring.py checks the PrometheusRule).
+    assert on_disk - listed == {"servicemonitor.yaml", "prometheusrule.yaml"}
     assert "servicemonitor.yaml" in (K8S / "kustomization.yaml").read_text()
     kinds = sorted(m["kind"] for m in manifests().values())
     assert kinds == sorted(
