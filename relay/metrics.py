@@ -80,7 +80,8 @@ class Metrics:
         )
         self.sink_up = Gauge(
             "relay_sink_up",
-            "1 when the sink's last attempt succeeded, 0 while failing or stopped.",
+            "1 once the sink started and while its last attempt succeeded; 0 until it starts, "
+            "while failing, or stopped.",
             ["sink"],
             registry=r,
         )

@@ -325,6 +325,7 @@ class SinkWorker:
         except Exception as exc:
             self._failing(exc)
             raise RetryableSinkError(f"start failed: {exc!r}", sink=self.name) from exc
+        self._recovered()
 
     async def _deliver(self, batch: list[Event]) -> None:
         pending = batch
