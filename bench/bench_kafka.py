@@ -29,12 +29,7 @@ sys.path.insert(0, str(ROOT))
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer  # noqa: E402
 
 from bench.load import paced_volume_creates  # noqa: E402
-from relay.deadletter import DeadLetter  # noqa: E402
-from relay.lifecycle import TaskStatus  # noqa: E402
-from relay.metrics import Metrics  # noqa: E402
-from relay.outbox import SinkWorker  # noqa: E402
-from relay.retry import RetryPolicy  # noqa: E402
-from relay.settings import RetrySettings  # noqa: E402
+from bench.worker import delivered, delivery_path, feed  # noqa: E402
 from relay.sink import SinkContext  # noqa: E402
 from sinks.kafka import KafkaSink, KafkaSinkConfig  # noqa: E402
 from tests.contract import sample_events  # noqa: E402
@@ -55,32 +50,15 @@ async def relay_path(bootstrap: str, events: list, batch: int, workdir: Path) ->
         sink_config(bootstrap, f"bench-r-{uuid.uuid4().hex[:8]}", max_batch=batch),
         SinkContext("bench"),
     )
-    done = 0
-
-    def on_done(_seq: int) -> None:
-        nonlocal done
-        done += 1
-
-    worker = SinkWorker(
-        sink,
-        len(events) + 1,
-        "dead_letter",
-        RetryPolicy(RetrySettings()),
-        DeadLetter(workdir / f"dl-{uuid.uuid4().hex[:6]}.jsonl"),
-        Metrics(),
-        on_done,
-    )
     await sink.start()
     # Warm the topic's metadata so both paths start alike.
     await sink.send(events[:1])
-    t0 = time.perf_counter()
-    for event in events:
-        worker.put(event)
-    worker.outbox.close()
-    await worker.run(TaskStatus(asyncio.get_running_loop().create_future()))
-    elapsed = time.perf_counter() - t0
+    async with delivery_path(sink, workdir) as worker:
+        t0 = time.perf_counter()
+        feed(worker, events)
+        await delivered(worker, len(events))
+        elapsed = time.perf_counter() - t0
     await sink.aclose()
-    assert done == len(events), (done, len(events))
     return len(events) / elapsed
 
 

@@ -33,13 +33,8 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from bench.load import paced_volume_creates
-from relay.deadletter import DeadLetter
-from relay.lifecycle import TaskStatus
-from relay.metrics import Metrics
-from relay.outbox import SinkWorker
-from relay.retry import RetryPolicy
+from bench.worker import delivered, delivery_path, feed
 from relay.schema import Event
-from relay.settings import RetrySettings
 from relay.sink import SinkContext
 from sinks.mqtt import MqttSinkConfig, topic_template
 from tests.contract import sample_events
@@ -56,32 +51,12 @@ async def relay_run(port: int, events: list[Event], workdir: Path) -> float:
         client_id="bench-relay",
         status_topic="bench/status",
     ).build(SinkContext("bench"))
-    done = [0]
-    finished = asyncio.Event()
-
-    def on_done(_seq: int) -> None:
-        done[0] += 1
-        if done[0] == len(events):
-            finished.set()
-
-    worker = SinkWorker(
-        sink,
-        len(events) + 1,
-        "dead_letter",
-        RetryPolicy(RetrySettings()),
-        DeadLetter(workdir / "dl.jsonl"),
-        Metrics(),
-        on_done,
-    )
     await sink.start()
-    task = asyncio.create_task(worker.run(TaskStatus(asyncio.get_running_loop().create_future())))
-    start = time.perf_counter()
-    for event in events:
-        worker.put(event)
-    await finished.wait()
-    elapsed = time.perf_counter() - start
-    worker.outbox.close()
-    await task
+    async with delivery_path(sink, workdir) as worker:
+        start = time.perf_counter()
+        feed(worker, events)
+        await delivered(worker, len(events))
+        elapsed = time.perf_counter() - start
     await sink.aclose()
     return len(events) / elapsed
 
