@@ -99,9 +99,7 @@ class EngineReader:
         while True:
             # A fresh retry context per connection: a stream that ran for hours and broke
             # reconnects at once, with the backoff starting over.
-            async for attempt in self.policy.reconnect():
-                with attempt:
-                    await self._attempt()
+            await self.policy.reconnect(self._attempt)
 
     async def _attempt(self) -> None:
         """One connection: returns when a stream that was open ended, raises when none opened."""

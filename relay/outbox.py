@@ -308,9 +308,7 @@ class SinkWorker:
 
     async def _start_with_retries(self) -> None:
         try:
-            async for attempt in self.policy.start():
-                with attempt:
-                    await self._start_once()
+            await self.policy.start(self._start_once)
         except PermanentSinkError as exc:
             # A sink that can never start is stopped, not the relay: its events go to the
             # dead-letter file, the other sinks go on, /readyz says why.
@@ -329,12 +327,17 @@ class SinkWorker:
 
     async def _deliver(self, batch: list[Event]) -> None:
         pending = batch
+        tried = False
+
+        async def attempt() -> None:
+            nonlocal pending, tried
+            if tried:
+                self._retried.inc(len(pending))
+            tried = True
+            pending = await self._attempt(pending)
+
         try:
-            async for attempt in self.policy.delivery():
-                with attempt:
-                    if attempt.num > 1:
-                        self._retried.inc(len(pending))
-                    pending = await self._attempt(pending)
+            await self.policy.deliver(attempt)
         except SinkStoppedError as exc:
             # This batch first, then what queued behind it: the file keeps engine order.
             self._dead_letter(pending, "sink_stopped", exc)

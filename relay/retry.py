@@ -15,8 +15,8 @@ settings.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterable, Callable
-from typing import TYPE_CHECKING, TypeAlias
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING
 
 import stamina
 import stamina.instrumentation
@@ -26,8 +26,6 @@ from relay.errors import RetryableSinkError
 if TYPE_CHECKING:
     from relay.settings import RetrySettings
 
-RetryContext: TypeAlias = AsyncIterable[stamina.Attempt]
-
 
 def quiet_stamina() -> None:
     """Once per process: the relay logs one line per retry burst itself, and counts retries in
@@ -36,8 +34,21 @@ def quiet_stamina() -> None:
 
 
 class RetryPolicy:
+    """stamina's retrying callers, configured once from `retry.*` and used for every retry."""
+
     def __init__(self, settings: RetrySettings) -> None:
         self.settings = settings
+        s = settings
+        waits = {
+            "wait_initial": s.wait_initial,
+            "wait_max": s.wait_max,
+            "wait_jitter": s.wait_jitter,
+        }
+        bounded = stamina.AsyncRetryingCaller(attempts=s.attempts, timeout=s.timeout, **waits)
+        forever = stamina.AsyncRetryingCaller(attempts=None, timeout=None, **waits)
+        self._delivery = bounded.on(self._hook)
+        self._start = forever.on(self._hook)
+        self._reconnect = forever.on(Exception)
 
     def _hook(self, exc: Exception) -> bool | float:
         """stamina's `on`: retry only RetryableSinkError; its Retry-After replaces the backoff."""
@@ -47,27 +58,15 @@ class RetryPolicy:
             return max(0.0, min(exc.retry_after, self.settings.retry_after_max))
         return True
 
-    def _context(
-        self, on: type[Exception] | Callable[[Exception], bool | float], bounded: bool
-    ) -> RetryContext:
-        s = self.settings
-        return stamina.retry_context(
-            on=on,
-            attempts=s.attempts if bounded else None,
-            timeout=s.timeout if bounded else None,
-            wait_initial=s.wait_initial,
-            wait_max=s.wait_max,
-            wait_jitter=s.wait_jitter,
-        )
+    async def deliver(self, attempt: Callable[[], Awaitable[None]]) -> None:
+        """Attempts of one batch, until one succeeds or `retry.attempts`/`retry.timeout` run
+        out (the last error is raised) or an error is not retryable (raised at once)."""
+        await self._delivery(attempt)
 
-    def delivery(self) -> RetryContext:
-        """Attempts of one batch: `async for attempt in policy.delivery(): with attempt: ...`."""
-        return self._context(self._hook, bounded=True)
-
-    def start(self) -> RetryContext:
+    async def start(self, attempt: Callable[[], Awaitable[None]]) -> None:
         """Attempts to start a sink: retryable failures, forever."""
-        return self._context(self._hook, bounded=False)
+        await self._start(attempt)
 
-    def reconnect(self) -> RetryContext:
+    async def reconnect(self, attempt: Callable[[], Awaitable[None]]) -> None:
         """Attempts to open the engine's event stream: any failure, forever."""
-        return self._context(Exception, bounded=False)
+        await self._reconnect(attempt)

@@ -332,11 +332,13 @@ async def test_retry_after_replaces_the_backoff_and_is_capped() -> None:
     seen: list[float] = []
     started = time.monotonic()
     errors = [RetryableSinkError("429", retry_after=0.2), RetryableSinkError("429", retry_after=99)]
-    async for attempt in policy.delivery():
-        with attempt:
-            seen.append(time.monotonic() - started)
-            if errors:
-                raise errors.pop(0)
+
+    async def attempt() -> None:
+        seen.append(time.monotonic() - started)
+        if errors:
+            raise errors.pop(0)
+
+    await policy.deliver(attempt)
     gaps = [b - a for a, b in itertools.pairwise(seen)]
     assert len(seen) == 3
     assert 0.19 <= gaps[0] < 5.0  # Retry-After 0.2 s, not the 10 s backoff
@@ -347,11 +349,14 @@ async def test_permanent_and_foreign_errors_are_never_retried(no_waits: None) ->
     policy = RetryPolicy(DEFAULTS)
     for exc in (PermanentSinkError("no"), ValueError("no")):
         calls = 0
+
+        async def attempt(exc: Exception = exc) -> None:
+            nonlocal calls
+            calls += 1
+            raise exc
+
         with pytest.raises(type(exc)):
-            async for attempt in policy.delivery():
-                with attempt:
-                    calls += 1
-                    raise exc
+            await policy.deliver(attempt)
         assert calls == 1
     assert issubclass(SinkStoppedError, SinkError)
 
