@@ -43,6 +43,15 @@ class Position:
         self.time_nano = time_nano
 
     @property
+    def last_id(self) -> str | None:
+        return self._order[-1] if self._order else None
+
+    def last_ids(self, count: int) -> list[str]:
+        order = self._order
+        skip = max(0, len(order) - count)
+        return [order[i] for i in range(skip, len(order))]
+
+    @property
     def ids(self) -> list[str]:
         return list(self._order)
 

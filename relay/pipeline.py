@@ -132,6 +132,8 @@ class Pipeline:
         self._check_gap_since = self.cursor.time_nano or None
 
     def dispatch(self, lines: list[bytes]) -> None:
+        # The cursor moves with every line read, routed or not: the spool writes it.
+        self.spool.changed()
         normalizer = self.normalizer
         assert normalizer is not None, "lines before a Connected marker"
         cursor = self.cursor

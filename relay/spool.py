@@ -167,8 +167,10 @@ class Spool:
         self._in_commit_dead: list[tuple[float, str | None, str, bytes]] = []
         self._in_commit_requeued: list[int] = []
         self._cursor_source: Callable[[], tuple[str, Position] | None] = lambda: None
-        self._written_cursor: tuple[str, int, list[str]] | None = None
+        self._written_cursor: tuple[str, int, str | None] | None = None
+        self._cursor_key: tuple[str, int, str | None] | None = None
         self._wake = asyncio.Event()
+        self._changed = asyncio.Event()
         # One commit at a time: a snapshot must not take rows another commit is writing.
         self._commit_lock = asyncio.Lock()
         self._committed = asyncio.Event()
@@ -290,12 +292,14 @@ class Spool:
     def add(self, event: Event, owed: int) -> None:
         """`event` was dispatched to the sinks of the bit mask `owed`."""
         self._pending[event.seq] = _Held(event, owed)
+        self._changed.set()
         if len(self._pending) >= self.commit_max_events:
             self._wake.set()
 
     def add_dead_letter(self, at: float, sink: str | None, reason: str, record: bytes) -> None:
         """Kept with the next commit, the same one that says the sink is done with the event."""
         self._dead.append((at, sink, reason, record))
+        self._changed.set()
 
     def replay_into(self, take: Callable[[str, bytes], bool]) -> None:
         """Where replayed dead letters go: `take(sink, body)` queues the event for that sink
@@ -313,6 +317,7 @@ class Spool:
             # Its row is being written with the old mask: cleared by the next commit.
             held.owed &= ~bit
         self._acks.append((bit, seq))
+        self._changed.set()
 
     def held(self, bit: int, after: int) -> list[Event]:
         """Uncommitted events the sink of `bit` owes, from seq `after` on (for `load`)."""
@@ -350,14 +355,29 @@ class Spool:
     async def run(self, task_status: TaskStatus) -> None:
         task_status.started()
         while True:
+            # Idle, the writer sleeps until something changes (a look for replays and a retry
+            # of a failed disk at most once a second); then it gathers changes for one
+            # interval, or until a batch is full, and commits them together.
             with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(self._next_wait()):
-                    await self._wake.wait()
+                async with asyncio.timeout(self._idle_wait()):
+                    await self._changed.wait()
+            if self._changed.is_set():
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(self._next_wait()):
+                        await self._wake.wait()
+            self._changed.clear()
             self._wake.clear()
             for tick in self.on_tick:
                 tick()
             await self._look_for_replays()
             await self.commit()
+
+    def changed(self) -> None:
+        """Something to write (the pipeline read events; the cursor moved)."""
+        self._changed.set()
+
+    def _idle_wait(self) -> float:
+        return self._next_wait() if self._failures else _REQUEUE_EVERY
 
     def stop_replays(self) -> None:
         """Shutting down: replayed dead letters wait in the spool for the next start."""
@@ -461,10 +481,12 @@ class Spool:
         cursor = None
         if source is not None:
             engine_id, position = source
-            # Ids of the events a resume can replay: more than the engine's ring of 256.
-            key = (engine_id, position.time_nano, position.ids[-_CURSOR_IDS:])
+            key = (engine_id, position.time_nano, position.last_id)
             if key != self._written_cursor:
-                cursor = _Cursor(*key)
+                # Ids of the events a resume can replay: more than the engine's ring of 256.
+                ids = position.last_ids(_CURSOR_IDS)
+                cursor = _Cursor(engine_id, position.time_nano, ids)
+                self._cursor_key = key
         if (
             not self._pending
             and not self._acks
@@ -481,6 +503,7 @@ class Spool:
             items = iter(self._pending.items())
             self._committing = dict(itertools.islice(items, _MAX_ROWS_PER_COMMIT))
             self._pending = dict(items)
+            self._changed.set()
             self._wake.set()
         else:
             self._committing, self._pending = self._pending, {}
@@ -559,7 +582,7 @@ class Spool:
         self._committing = {}
         self._in_commit_dead, self._in_commit_requeued = [], []
         if cursor is not None:
-            self._written_cursor = (cursor.engine_id, cursor.time_nano, cursor.ids)
+            self._written_cursor = self._cursor_key
         self.metrics.spool_commits.inc()
         self.metrics.spool_commit_seconds.observe(took)
         if self.disk_error is not None:
