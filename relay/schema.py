@@ -15,7 +15,13 @@ DATASCHEMA: Final = "urn:docker-event-relay:schema:v1"
 DEFAULT_TYPE_PREFIX: Final = "dev.docker-event-relay"
 
 
-class Actor(msgspec.Struct, frozen=True, omit_defaults=True, kw_only=True):
+# The structs hold only strings, numbers, string maps and each other: they cannot form reference
+# cycles, so the garbage collector need not track them (gc=False). Events the spool holds
+# until a commit would otherwise make every collection walk them (measured: half the
+# normalizing loop's speed with 500 events held).
+
+
+class Actor(msgspec.Struct, frozen=True, omit_defaults=True, kw_only=True, gc=False):
     """The object the event is about. `labels` are kept apart from the engine's attributes."""
 
     id: str
@@ -24,7 +30,7 @@ class Actor(msgspec.Struct, frozen=True, omit_defaults=True, kw_only=True):
     labels: dict[str, str]
 
 
-class Engine(msgspec.Struct, frozen=True, omit_defaults=True, kw_only=True):
+class Engine(msgspec.Struct, frozen=True, omit_defaults=True, kw_only=True, gc=False):
     """The engine that emitted the event, from its `/info` and `/version`."""
 
     id: str
@@ -34,7 +40,7 @@ class Engine(msgspec.Struct, frozen=True, omit_defaults=True, kw_only=True):
     node_name: str | None = None
 
 
-class EventData(msgspec.Struct, frozen=True, omit_defaults=True, kw_only=True):
+class EventData(msgspec.Struct, frozen=True, omit_defaults=True, kw_only=True, gc=False):
     """Normalized engine event (the CloudEvent's `data`), schema version 1."""
 
     type: str
@@ -48,7 +54,7 @@ class EventData(msgspec.Struct, frozen=True, omit_defaults=True, kw_only=True):
     engine: Engine
 
 
-class CloudEvent(msgspec.Struct, frozen=True, omit_defaults=True, kw_only=True):
+class CloudEvent(msgspec.Struct, frozen=True, omit_defaults=True, kw_only=True, gc=False):
     """A CloudEvents 1.0 event in structured JSON form. Only `subject` is ever omitted."""
 
     specversion: Literal["1.0"]
