@@ -29,6 +29,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -183,6 +184,16 @@ def latency(rate: float, seconds: float, runs: int) -> None:
 # -- 3. memory with a backlog -------------------------------------------------------------------
 
 
+def total(port: int, name: str) -> float:
+    """The sum of every series of `name` (one per type and action, say)."""
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    return sum(
+        float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line.startswith(name + " ") or line.startswith(name + "{")
+    )
+
+
 def backlog_rss(count: int, down: bool, rate: float) -> tuple[float, float]:
     """(VmRSS, VmHWM) in MB once the relay read `count` events: held for a down webhook, or
     delivered to stdout."""
@@ -221,7 +232,7 @@ def backlog_rss(count: int, down: bool, rate: float) -> tuple[float, float]:
             deadline = time.monotonic() + 600
             while time.monotonic() < deadline:
                 try:
-                    read = metric(port, "relay_events_read_total")
+                    read = total(port, "relay_events_read_total")
                 except OSError:
                     read = 0
                 if read >= count:
