@@ -448,7 +448,8 @@ class Spool:
         started = time.perf_counter()
         try:
             self._write(inserts, acks, cursor)
-            self._settle()
+            # In the spool's thread, where its checkpoint connection lives.
+            self._executor.submit(self._settle).result()
         except (OSError, sqlite3.Error) as exc:
             self._acks[:0] = acks
             self._restore_side_rows()

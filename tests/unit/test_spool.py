@@ -161,3 +161,19 @@ def test_dead_letters_and_the_file_mode(tmp_path: Path) -> None:
     # Private whatever the umask: the events carry labels, attributes, exec commands.
     assert (tmp_path / "spool.db").stat().st_mode & 0o777 == 0o600
     assert tmp_path.stat().st_mode & 0o777 == 0o700
+
+
+async def test_checkpoints_run_in_the_spool_thread_the_final_commit_too(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(spool_module, "_CHECKPOINT_AT", 64 * 1024)
+    cursor = Position()
+    spool = spool_at(tmp_path, ["a"], cursor)
+    for event in numbered(600):
+        spool.add(event, spool.bits["a"])
+        cursor.advance(event.time_nano, event.id)
+        if event.seq % 100 == 0:
+            assert await spool.commit(), spool.disk_error
+    spool.add(numbered(1, start=601)[0], spool.bits["a"])
+    assert spool.commit_now(), spool.disk_error
+    assert len(rows(tmp_path)) == 601
