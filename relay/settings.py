@@ -85,7 +85,7 @@ class RetrySettings(_Section):
 
 class OutboxSettings(_Section):
     max_events: int = Field(
-        default=10_000,
+        default=2_000,
         ge=1,
         description="Events a sink holds in memory; the rest of its backlog waits in the spool "
         "on disk and is read back in order.",
