@@ -21,6 +21,7 @@ from relay.router import RouteFilter
 from tests.harness import PrivateEngine, async_wait_for
 from tests.harness.receiver import Receiver
 from tests.relay_harness import Recorder, relay_settings, running_relay, spool_cursor
+from tests.scenarios import engine_events, engine_time
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -57,7 +58,16 @@ async def test_first_start_relays_from_its_start_without_a_gap(
     engine: PrivateEngine, tmp_path: Path
 ) -> None:
     tag = uuid.uuid4().hex[:8]
+    since = engine_time(engine)
     before = await asyncio.to_thread(volumes, engine, f"before-{tag}", 3)
+
+    def logged() -> bool:
+        seen = engine_events(engine, since, engine_time(engine), f"volume=before-{tag}")
+        return {e["Actor"]["ID"] for e in seen} == set(before)
+
+    # The engine may stamp an event a moment after its API call returned: start the relay
+    # only once the engine has them all, so "before" really is before the relay's start.
+    await async_wait_for(lambda: asyncio.to_thread(logged), 30, message="logged")
     recorder = Recorder()
     settings = relay_settings(
         engine.docker_host, tmp_path, engine={"filters": {"type": ["volume"]}}
