@@ -102,8 +102,13 @@ def main(argv: list[str] | None = None) -> int:
 
     from relay import plugins
 
+    # Warnings while loading (a world-readable secret file) need a handler before the
+    # configured one exists.
+    setup_logging("WARNING", "console" if args.command != "run" else _log_format())
     try:
         settings = plugins.load(config_file)
+        if args.command in ("run", "check-config"):
+            settings.check_paths()
     except ConfigError as exc:
         print(f"docker-event-relay: configuration error: {exc}", file=sys.stderr)
         return 2
@@ -125,6 +130,12 @@ def main(argv: list[str] | None = None) -> int:
         return asyncio.run(serve(settings, plugins.build_sinks(settings)))
     except KeyboardInterrupt:
         return 130
+
+
+def _log_format() -> str:
+    """The log format asked for in the environment, before the settings are read."""
+    wanted = os.environ.get("RELAY_LOG__FORMAT", "json")
+    return wanted if wanted in ("json", "console") else "json"
 
 
 def _dead_letter(args: argparse.Namespace, spool: Path) -> int:

@@ -24,6 +24,7 @@ import msgspec
 
 from relay.metrics import Metrics
 from relay.schema import Event
+from relay.spool import private_dir
 
 if TYPE_CHECKING:
     from relay.spool import Spool
@@ -104,10 +105,16 @@ class DeadLetter:
 
     def _append(self, line: bytes) -> None:
         if self._fd is None:
-            self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-            self._fd = os.open(
-                self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600
-            )
+            private_dir(self.path.parent)
+            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            try:
+                # The records hold whole events (labels, commands): private, also when the
+                # file was made by someone else or under an older relay.
+                os.fchmod(fd, 0o600)
+            except OSError:
+                os.close(fd)
+                raise
+            self._fd = fd
         fd = self._fd
         size = os.fstat(fd).st_size
         try:

@@ -81,6 +81,19 @@ CREATE TABLE IF NOT EXISTS requeue (
 _ROWS_PER_STATEMENT = 500
 _IDS_PER_STATEMENT = 2000
 
+def private_dir(path: Path) -> None:
+    """Create `path` and the missing directories above it as 0700, whatever the umask: a
+    directory others may write in would let them swap what is below it."""
+    missing: list[Path] = []
+    while not path.exists():
+        missing.append(path)
+        path = path.parent
+    for directory in reversed(missing):
+        with contextlib.suppress(FileExistsError):
+            directory.mkdir(mode=0o700)
+        os.chmod(directory, 0o700)
+
+
 T = TypeVar("T")
 
 
@@ -185,8 +198,8 @@ class Spool:
         all (the caller names the setting)."""
         corrupt: str | None = None
         if self.durable:
-            self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
             # The state directory is the relay's alone: the events carry labels and commands.
+            private_dir(self.path.parent)
             os.chmod(self.path.parent, 0o700)
         if self.durable and self.path.exists() and self.path.stat().st_size == 0:
             # The spool is created with its schema in one go: an empty file is a broken one.

@@ -3,7 +3,9 @@ one rule for secrets read from files (Kubernetes Secret mounts)."""
 
 from __future__ import annotations
 
+import logging
 import ssl
+import stat
 from pathlib import Path
 
 from pydantic import (
@@ -18,13 +20,32 @@ from pydantic import (
 
 from relay.errors import RetryableSinkError
 
+log = logging.getLogger("relay.settings")
+
 
 def read_secret_file(path: Path, setting: str) -> SecretStr:
-    """A secret from a file (Kubernetes Secret mounts), without its trailing newline."""
+    """A secret from a file (Kubernetes Secret mounts), without its trailing newline. An empty
+    file is an error (a secret mounted before it was filled in); a file anyone on the machine
+    can read is accepted with a warning."""
     try:
-        return SecretStr(path.read_text().rstrip("\r\n"))
+        text = path.read_text()
+        mode = path.stat().st_mode
     except OSError as exc:
         raise ValueError(f"{setting}: cannot read {path}: {exc.strerror}") from exc
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"{setting}: {path} is not UTF-8 text") from exc
+    secret = text.rstrip("\r\n")
+    if not secret:
+        raise ValueError(f"{setting}: {path} is empty")
+    if mode & stat.S_IROTH:
+        log.warning(
+            "%s: %s is readable by every user of this machine (mode %s); make it 0400 or "
+            "0440 (Kubernetes: defaultMode)",
+            setting,
+            path,
+            oct(stat.S_IMODE(mode)),
+        )
+    return SecretStr(secret)
 
 
 def resolve_secret_files(model: BaseModel, *pairs: tuple[str, str]) -> None:

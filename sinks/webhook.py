@@ -148,8 +148,25 @@ class WebhookSinkConfig(SinkConfigBase):
         if self.secret is not None and not self.secret.get_secret_value():
             raise ValueError("secret: empty")
         lower = {name.lower() for name in self.headers}
-        if self.bearer_token is not None and "authorization" in lower:
-            raise ValueError("headers: 'Authorization' conflicts with bearer_token")
+        if self.bearer_token is not None:
+            token = self.bearer_token.get_secret_value()
+            if not token:
+                raise ValueError("bearer_token: empty")
+            if not all("\x21" <= ch <= "\x7e" for ch in token):
+                raise ValueError(
+                    "bearer_token: only visible ASCII characters can go in a header (it holds "
+                    "a space, CR, LF or another control or non-ASCII character)"
+                )
+            if "authorization" in lower:
+                raise ValueError("headers: 'Authorization' conflicts with bearer_token")
+        if self.url.username is not None or self.url.password is not None:
+            # aiohttp sends user info as Basic credentials: two Authorization headers.
+            if self.bearer_token is not None:
+                raise ValueError(
+                    "url: holds user:password (Basic auth) and bearer_token is set; use one"
+                )
+            if "authorization" in lower:
+                raise ValueError("url: holds user:password and headers sets 'Authorization'")
         if self.secret is not None and self.signature_header.lower() in lower:
             raise ValueError(f"headers: {self.signature_header!r} is the signature header")
         if self.tls is not None and self.url.scheme != "https":
