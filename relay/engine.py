@@ -5,16 +5,23 @@ engine drops events for a subscriber that falls 100 ms behind), frames the strea
 and hands chunks of lines to a queue; it never waits on anything downstream. Every way the
 stream can end (EOF, cut chunked body, reset, refused) means: reconnect with the shared retry
 policy, forever, resuming with `since` from where the pipeline says it is.
+
+Whatever the engine sends costs bounded memory: a line longer than `engine.max_line_bytes` is
+skipped as it arrives and handed on as an `OversizedLine` (its head and size) in its place
+among the lines, for the pipeline to dead-letter; the queue holds at most `engine.queue_max`
+lines.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
 import os
 import re
 import time
+from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
@@ -44,7 +51,22 @@ class Connected:
     clamped_from: int | None = None
 
 
-QueueItem = Connected | list[bytes]
+DEFAULT_MAX_LINE_BYTES: int = EngineSettings.model_fields["max_line_bytes"].default
+# What of an oversized line is kept for its dead letter: enough to tell what it was.
+OVERSIZED_HEAD_BYTES = 1024
+
+
+@dataclass(frozen=True, slots=True)
+class OversizedLine:
+    """Queue item: a line longer than `engine.max_line_bytes`, dropped while it was read. Its
+    first bytes are kept for the dead letter, with its size and the limit it broke."""
+
+    head: bytes
+    size: int
+    limit: int
+
+
+QueueItem = Connected | list[bytes] | OversizedLine
 
 # Where to resume on an engine (its id): the newest timeNano handled, or None for "from now".
 ResumePoint = Callable[[str], int | None]
@@ -56,19 +78,119 @@ def engine_address(settings: EngineSettings) -> str:
 
 class LineFramer:
     """Splits a byte stream into lines. A socket read is never taken for one event: reads split
-    events and merge them at will."""
+    events and merge them at will.
 
-    __slots__ = ("_partial",)
+    Linear in the bytes fed and bounded in memory, whatever the stream: the line begun is kept
+    as one piece (a bytearray once it spans reads, so a trickle of small reads costs neither a
+    copy per read nor an object per read), and never more than `max_line_bytes` of it. A line
+    longer than that is dropped as it arrives, up to its newline; only its first
+    `OVERSIZED_HEAD_BYTES` and its size are kept. `feed` returns the complete lines and leaves
+    the dropped ones in `oversized`, each with the place it stood among them.
+    """
 
-    def __init__(self) -> None:
-        self._partial = b""
+    __slots__ = ("_fast_max", "_head", "_partial", "_skipped", "limit", "oversized")
+
+    def __init__(self, max_line_bytes: int = DEFAULT_MAX_LINE_BYTES) -> None:
+        self.limit = max_line_bytes
+        # Of the last feed: (index in the lines it returned, record) in stream order.
+        self.oversized: list[tuple[int, OversizedLine]] = []
+        self._partial: bytes | bytearray = b""
+        # Set while an oversized line is being skipped: its first bytes, and its size so far.
+        self._head: bytes | None = None
+        self._skipped = 0
+        # Reads with a newline up to this size take the fast path: no line in them can be over
+        # the limit. -1 while only the careful path may run (a line being skipped, records of
+        # the last read to clear): one comparison per read decides.
+        self._fast_max = max_line_bytes
+
+    @property
+    def retained(self) -> int:
+        """Bytes held between reads (the line begun, or the head of one being skipped)."""
+        return len(self._head) if self._head is not None else len(self._partial)
 
     def feed(self, chunk: bytes) -> list[bytes]:
-        if self._partial:
-            chunk = self._partial + chunk
         lines = chunk.split(b"\n")
-        self._partial = lines.pop()
+        rest = lines.pop()
+        if lines and len(chunk) <= self._fast_max:
+            partial = self._partial
+            if partial:
+                if len(partial) + len(lines[0]) > self.limit:
+                    return self._careful(lines, rest)
+                lines[0] = b"".join((partial, lines[0]))
+            self._partial = rest
+            return lines
+        return self._careful(lines, rest)
+
+    def items(self, lines: list[bytes]) -> list[list[bytes] | OversizedLine]:
+        """What `feed` returned, cut where its oversized lines stood, with them in place."""
+        items: list[list[bytes] | OversizedLine] = []
+        start = 0
+        for at, record in self.oversized:
+            if at > start:
+                items.append(lines[start:at])
+            items.append(record)
+            start = at
+        if start < len(lines):
+            items.append(lines[start:])
+        return items
+
+    def _careful(self, lines: list[bytes], rest: bytes) -> list[bytes]:
+        """`feed` for a read without a newline, or in which a line may be over the limit."""
+        if self.oversized:
+            self.oversized = []
+        if lines:
+            lines = self._checked(lines)
+            self._partial = b""
+            self._head = None
+        if rest:
+            self._extend(rest)
+        self._fast_max = -1 if self._head is not None or self.oversized else self.limit
         return lines
+
+    def _checked(self, lines: list[bytes]) -> list[bytes]:
+        """The complete lines of a read, each over the limit taken out into `oversized`."""
+        limit = self.limit
+        out: list[bytes] = []
+        first = lines[0]
+        if self._head is not None:
+            self._drop(out, self._head, self._skipped + len(first))
+        elif len(self._partial) + len(first) > limit:
+            self._drop(out, _head_of(self._partial, first), len(self._partial) + len(first))
+        else:
+            out.append(b"".join((self._partial, first)))
+        for line in itertools.islice(lines, 1, None):
+            if len(line) > limit:
+                self._drop(out, line[:OVERSIZED_HEAD_BYTES], len(line))
+            else:
+                out.append(line)
+        return out
+
+    def _drop(self, out: list[bytes], head: bytes, size: int) -> None:
+        self.oversized.append((len(out), OversizedLine(head, size, self.limit)))
+
+    def _extend(self, piece: bytes) -> None:
+        """The line begun goes on with `piece` (no newline in it)."""
+        if self._head is not None:
+            self._skipped += len(piece)
+            return
+        partial = self._partial
+        size = len(partial) + len(piece)
+        if size > self.limit:
+            self._head = _head_of(partial, piece)
+            self._skipped = size
+            self._partial = b""
+        elif not partial:
+            self._partial = piece
+        elif isinstance(partial, bytearray):
+            partial += piece
+        else:
+            self._partial = bytearray(partial)
+            self._partial += piece
+
+
+def _head_of(partial: bytes | bytearray, piece: bytes) -> bytes:
+    head = bytes(partial[:OVERSIZED_HEAD_BYTES])
+    return head + piece[: OVERSIZED_HEAD_BYTES - len(head)]
 
 
 class EngineReader:
@@ -93,6 +215,11 @@ class EngineReader:
         self._born = time.monotonic()
         self._ever_connected = False
         self._failures = 0
+        # engine.queue_max bounds lines, not queue items (a read carries any number of lines):
+        # the lines of each item still queued, oldest first, and their sum.
+        self._queued_counts: deque[int] = deque()
+        self._queued_lines = 0
+        self._queue_max = settings.queue_max
 
     async def run(self, task_status: TaskStatus) -> None:
         task_status.started()
@@ -216,23 +343,47 @@ class EngineReader:
 
     async def _read(self, response: aiohttp.ClientResponse) -> None:
         content = response.content
-        framer = LineFramer()
+        framer = LineFramer(self.settings.max_line_bytes)
         while True:
             chunk = await content.readany()
             if not chunk:
                 return
             lines = framer.feed(chunk)
-            if lines:
+            if framer.oversized:
+                for item in framer.items(lines):
+                    self._put(item)
+            elif lines:
                 self._put(lines)
 
     def _put(self, item: QueueItem) -> None:
-        # The bound applies to lines only: a Connected marker always goes in. The normalizer
-        # is far faster than any engine; this is a last-resort bound on memory, and counted.
-        if isinstance(item, list) and self.queue.qsize() >= self.settings.queue_max:
-            self.metrics.reader_lines_dropped.inc(len(item))
-            log.error("reader queue full: dropped %d line(s)", len(item))
-            return
-        self.queue.put_nowait(item)
+        queue = self.queue
+        counts = self._queued_counts
+        # Only the reader puts and the pipeline takes in order: whatever left the queue since
+        # the last put is the oldest items counted.
+        gone = len(counts) - queue.qsize()
+        while gone:
+            self._queued_lines -= counts.popleft()
+            gone -= 1
+        if type(item) is list:
+            n = len(item)
+        elif isinstance(item, OversizedLine):
+            n = 1
+        else:
+            # The bound applies to lines only: a Connected marker always goes in.
+            n = 0
+        if self._queued_lines + n > self._queue_max:
+            # The normalizer is far faster than any engine; this is a last-resort bound on
+            # memory, and counted.
+            kept = max(self._queue_max - self._queued_lines, 0)
+            self.metrics.reader_lines_dropped.inc(n - kept)
+            log.error("reader queue full: dropped %d line(s)", n - kept)
+            if not kept:
+                return
+            assert isinstance(item, list)  # an oversized line is one line: nothing was kept
+            item, n = item[:kept], kept
+        queue.put_nowait(item)
+        counts.append(n)
+        self._queued_lines += n
 
 
 _TIME = re.compile(

@@ -38,6 +38,12 @@ class Metrics:
         self.events_malformed = Counter(
             "relay_events_malformed", "Lines from the engine that were not events.", registry=r
         )
+        self.engine_lines_oversized = Counter(
+            "relay_engine_lines_oversized",
+            "Lines from the engine longer than engine.max_line_bytes: dropped, their first "
+            "bytes dead-lettered (also counted in relay_events_malformed).",
+            registry=r,
+        )
         self.events_duplicate = Counter(
             "relay_events_duplicate",
             "Events the engine replayed after a reconnect that had been read already (dropped).",
@@ -183,8 +189,11 @@ class Metrics:
         now = time.time()
         self._last_event_at = now
         self.last_event.set(now)
+        if reclaimed is None or reclaimed < 0:
+            # A counter refuses to go down (the normalizer lets no negative count through).
+            return
+        # The series exists for every pruned type, at 0 too, for dashboards.
+        child = self.reclaimed_bytes.labels(type_)
         if reclaimed:
-            self.reclaimed_bytes.labels(type_).inc(reclaimed)
-        elif reclaimed == 0:
-            # Make the series exist for every pruned type, at 0, for dashboards.
-            self.reclaimed_bytes.labels(type_)
+            # Clamped to the engine's uint64: a huge int would not convert to the counter's float.
+            child.inc(min(reclaimed, 2**64))

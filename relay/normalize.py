@@ -1,11 +1,14 @@
-"""Raw engine message (one line of `GET /events`) -> v1 CloudEvent. Pure; never raises on odd
-input except `MalformedEventError` for a line that is not an engine message at all."""
+"""Raw engine message (one line of `GET /events`) -> v1 CloudEvent. Pure. For any bytes at all
+`Normalizer.normalize` returns an event or raises `MalformedEventError`, never anything else:
+one hostile line must not stop the relay (the engine replays it after a restart, so a crash
+would loop)."""
 
 from __future__ import annotations
 
 import hashlib
 import time as _time
-from typing import Any, Final, Literal
+from collections.abc import Iterable, Mapping
+from typing import Annotated, Any, Final, Literal
 
 import msgspec
 
@@ -13,27 +16,135 @@ from relay.errors import RelayError
 from relay.schema import DATASCHEMA, DEFAULT_TYPE_PREFIX, Actor, CloudEvent, Engine, EventData
 
 ExecCommandMode = Literal["full", "program", "none"]
+Flavour = Literal["docker", "podman"]
 
-# Keys the engine itself sets on container and image events. Every other attribute of those two
-# types is one of the object's labels, which the engine copies in beside them. A label with one
-# of these names is shadowed by the engine's value and cannot be told apart.
-CONTAINER_ATTRIBUTES: Final = frozenset(
-    {
-        "image",
-        "name",
-        "exitCode",
-        "execDuration",
-        "signal",
-        "execID",
-        "oldName",
-        "comment",
-        "imageID",
-        "imageRef",
-    }
-)
-IMAGE_ATTRIBUTES: Final = frozenset({"name"})
-_LABELLED_TYPES: Final = {"container": CONTAINER_ATTRIBUTES, "image": IMAGE_ATTRIBUTES}
+# The engine's timeNano is a Go int64 (time.UnixNano): no real engine sends a later time than
+# 2262, and every time up to it formats as RFC 3339 (which ends with year 9999).
+MAX_TIME_NANO: Final = 2**63 - 1
+# `reclaimed` is the engine's uint64 count of bytes.
+MAX_RECLAIMED: Final = 2**64 - 1
+# Attribute values are strings on every real engine. Anything else is kept as its JSON text, up
+# to this many levels of nested arrays and objects; deeper is not an engine message.
+MAX_VALUE_DEPTH: Final = 32
+
 _EXEC_ACTIONS: Final = frozenset({"exec_create", "exec_start"})
+
+
+def _per_action(
+    common: Iterable[str], actions: Iterable[str], extra: Mapping[str, Iterable[str]]
+) -> dict[str, frozenset[str]]:
+    keys = frozenset(common)
+    table = dict.fromkeys(actions, keys)
+    for action, more in extra.items():
+        table[action] = keys | frozenset(more)
+    return table
+
+
+# The keys the engine itself writes into Actor.Attributes of container and image events, per
+# type and action. The engine copies the object's labels into the same map, so every other key
+# of those events is a label; an action not listed here falls back to the union of its type's
+# sets. Recorded from Docker 20.10 and 28.5 (tests/fixtures; a unit test holds the table to
+# them); the container actions oom, detach, top, copy, extract-to-dir, resize and exec_detach
+# are missing from the recordings and come from the engine's source.
+DOCKER_ENGINE_KEYS: Final[Mapping[str, Mapping[str, frozenset[str]]]] = {
+    "container": _per_action(
+        ("image", "name"),
+        (
+            "archive-path",
+            "attach",
+            "copy",
+            "create",
+            "destroy",
+            "detach",
+            "export",
+            "extract-to-dir",
+            "health_status",
+            "oom",
+            "pause",
+            "restart",
+            "start",
+            "stop",
+            "top",
+            "unpause",
+            "update",
+        ),
+        {
+            "commit": ("comment", "imageID", "imageRef"),
+            "die": ("exitCode", "execDuration"),  # 28.5 sets execDuration, 20.10 does not
+            "exec_create": ("execID",),
+            "exec_detach": ("execID",),
+            "exec_die": ("execID", "exitCode"),
+            "exec_start": ("execID",),
+            "kill": ("signal",),
+            "rename": ("oldName",),
+            "resize": ("height", "width"),
+        },
+    ),
+    "image": _per_action(
+        ("name",),
+        ("create", "delete", "import", "load", "pull", "push", "save", "tag", "untag"),
+        {},
+    ),
+}
+
+# Podman's Docker-compatible API writes the same keys on every event, and on die exitCode (a copy
+# of containerExitCode). Recorded from Podman 4.3.1; later versions add network and error when
+# they have one.
+_PODMAN_COMMON: Final = ("containerExitCode", "image", "name", "podId", "network", "error")
+PODMAN_ENGINE_KEYS: Final[Mapping[str, Mapping[str, frozenset[str]]]] = {
+    "container": _per_action(
+        _PODMAN_COMMON,
+        (
+            "attach",
+            "checkpoint",
+            "cleanup",
+            "commit",
+            "create",
+            "exec",
+            "exec_died",
+            "export",
+            "health_status",
+            "import",
+            "init",
+            "kill",
+            "mount",
+            "pause",
+            "remove",
+            "rename",
+            "restart",
+            "restore",
+            "start",
+            "stop",
+            "sync",
+            "unmount",
+            "unpause",
+        ),
+        {"die": ("exitCode",)},
+    ),
+    "image": _per_action(
+        _PODMAN_COMMON,
+        (
+            "build",
+            "delete",
+            "import",
+            "load",
+            "mount",
+            "pull",
+            "push",
+            "remove",
+            "save",
+            "tag",
+            "unmount",
+            "untag",
+        ),
+        {},
+    ),
+}
+
+ENGINE_KEYS: Final[Mapping[Flavour, Mapping[str, Mapping[str, frozenset[str]]]]] = {
+    "docker": DOCKER_ENGINE_KEYS,
+    "podman": PODMAN_ENGINE_KEYS,
+}
 
 
 class MalformedEventError(RelayError):
@@ -44,9 +155,15 @@ class MalformedEventError(RelayError):
         self.raw = raw
 
 
+class InvalidEventError(ValueError):
+    """Something in a decoded message that no engine sends (`build` raises it; `normalize`
+    turns it into `MalformedEventError` with the line)."""
+
+
 class _RawActor(msgspec.Struct):
     ID: str = ""
-    Attributes: dict[str, Any] = msgspec.field(default_factory=dict)
+    # Go writes a nil map as null.
+    Attributes: dict[str, Any] | None = None
 
 
 class _RawMessage(msgspec.Struct):
@@ -55,7 +172,8 @@ class _RawMessage(msgspec.Struct):
     Action: str = ""
     Actor: _RawActor = msgspec.field(default_factory=_RawActor)
     scope: str = ""
-    timeNano: int = 0
+    # Bounded here, where the check costs nothing: `time.gmtime` overflows on larger values.
+    timeNano: Annotated[int, msgspec.Meta(le=MAX_TIME_NANO)] = 0
 
 
 _decoder = msgspec.json.Decoder(_RawMessage)
@@ -84,8 +202,42 @@ def event_id(engine_id: str, time_nano: int, type_: str, action: str, actor_id: 
     return hashlib.blake2b(key, digest_size=16).hexdigest()
 
 
+def _nests_deeper(value: list[Any] | dict[str, Any], limit: int) -> bool:
+    # Level by level rather than recursively: the point is to refuse what would exhaust the
+    # stack of a recursive walk (the JSON encoder's).
+    level: list[Any] = [value]
+    for _ in range(limit):
+        inner: list[Any] = []
+        for container in level:
+            for item in container.values() if isinstance(container, dict) else container:
+                if isinstance(item, (list, dict)):
+                    inner.append(item)
+        if not inner:
+            return False
+        level = inner
+    return True
+
+
+def _value_text(value: object) -> str:
+    if isinstance(value, (list, dict)) and _nests_deeper(value, MAX_VALUE_DEPTH):
+        raise InvalidEventError(f"an attribute value nests deeper than {MAX_VALUE_DEPTH} levels")
+    return msgspec.json.encode(value).decode()
+
+
+def _byte_count(text: str) -> int:
+    # ASCII digits only: int() would also take "-5", " 5", "1_000" and other scripts' digits.
+    if len(text) <= 20 and text.isascii() and text.isdigit():
+        count = int(text)
+        if count <= MAX_RECLAIMED:
+            return count
+    raise InvalidEventError(f"reclaimed is not a byte count: {text[:40]!r}")
+
+
 class Normalizer:
-    """Turns raw engine lines into v1 CloudEvents for one engine."""
+    """Turns raw engine lines into v1 CloudEvents for one engine.
+
+    `flavour` picks the table of keys the engine itself sets (`ENGINE_KEYS`), which tells the
+    engine's attributes from the object's labels."""
 
     def __init__(
         self,
@@ -93,22 +245,44 @@ class Normalizer:
         *,
         type_prefix: str = DEFAULT_TYPE_PREFIX,
         exec_command: ExecCommandMode = "program",
+        flavour: Flavour = "docker",
     ) -> None:
         self.engine = engine
         self.source = f"urn:docker:engine:{engine.id}"
         self.type_prefix = type_prefix.rstrip(".")
         self.exec_command = exec_command
+        self.flavour = flavour
+        # Per labelled type: the engine's keys per action, and their union for other actions.
+        self._engine_keys = {
+            type_: (actions, frozenset[str]().union(*actions.values()))
+            for type_, actions in ENGINE_KEYS[flavour].items()
+        }
 
     def normalize(self, line: bytes) -> CloudEvent:
+        """The event of one line; `MalformedEventError` (with the line) for anything else."""
         try:
             raw = _decoder.decode(line)
-        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+            if not raw.Type or not raw.Action:
+                raise InvalidEventError("Type or Action missing")
+            if raw.timeNano <= 0:
+                raise InvalidEventError("timeNano missing or not positive")
+            return self.build(
+                raw.Type,
+                raw.Action,
+                raw.Actor.ID,
+                raw.Actor.Attributes or {},
+                raw.scope,
+                raw.timeNano,
+            )
+        except (msgspec.DecodeError, msgspec.ValidationError, InvalidEventError) as exc:
             raise MalformedEventError(f"not an engine event: {exc}", line) from exc
-        if not raw.Type or not raw.Action or raw.timeNano <= 0:
-            raise MalformedEventError("not an engine event: Type, Action or timeNano missing", line)
-        return self.build(
-            raw.Type, raw.Action, raw.Actor.ID, raw.Actor.Attributes, raw.scope, raw.timeNano
-        )
+        except RecursionError as exc:
+            raise MalformedEventError("not an engine event: nested too deeply", line) from exc
+        except Exception as exc:
+            # No known input gets here; whatever does is still one bad line, not a stopped relay.
+            raise MalformedEventError(
+                f"not an engine event: {type(exc).__name__}: {exc}", line
+            ) from exc
 
     def build(
         self,
@@ -119,28 +293,29 @@ class Normalizer:
         scope: str,
         time_nano: int,
     ) -> CloudEvent:
+        """The event from a decoded message. Raises `InvalidEventError` for what no engine sends
+        (an attribute value nested too deeply, a `reclaimed` that is not a byte count)."""
         action, sep, detail = full_action.partition(": ")
         action_detail: str | None = detail if sep else None
         if action_detail is not None and action in _EXEC_ACTIONS:
             action_detail = self._exec_detail(action_detail)
 
-        # Prune events have no actor, hence no labels.
-        known = None if action == "prune" else _LABELLED_TYPES.get(type_)
+        # Prune events have no actor, hence no labels; nor have types the table does not name.
+        labelled = None if action == "prune" else self._engine_keys.get(type_)
+        engine_keys = None if labelled is None else labelled[0].get(action, labelled[1])
         attributes: dict[str, str] = {}
         labels: dict[str, str] = {}
         for key, value in raw_attributes.items():
-            text = value if type(value) is str else msgspec.json.encode(value).decode()
-            if known is None or key in known:
+            text = value if type(value) is str else _value_text(value)
+            if engine_keys is None or key in engine_keys:
                 attributes[key] = text
             else:
                 labels[key] = text
 
         reclaimed: int | None = None
         if action == "prune":
-            try:
-                reclaimed = int(attributes.get("reclaimed", "0"))
-            except ValueError:
-                reclaimed = None
+            count = attributes.get("reclaimed")
+            reclaimed = 0 if count is None else _byte_count(count)
 
         name = attributes.get("name")
         time = format_time(time_nano)

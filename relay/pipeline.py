@@ -103,10 +103,21 @@ class Pipeline:
             self._handle(self.queue.get_nowait())
 
     def _handle(self, item: QueueItem) -> None:
-        if isinstance(item, Connected):
+        if isinstance(item, list):
+            self.dispatch(item)
+        elif isinstance(item, Connected):
             self._connected(item.engine, item.clamped_from, item.engine_now)
         else:
-            self.dispatch(item)
+            # Dropped by the reader as it arrived; the pipeline owns dead letters.
+            error = MalformedEventError(
+                f"line of {item.size} bytes exceeds engine.max_line_bytes ({item.limit}); "
+                f"its first {len(item.head)} bytes kept",
+                item.head,
+            )
+            self.metrics.events_malformed.inc()
+            self.metrics.engine_lines_oversized.inc()
+            log.warning("oversized line from the engine, dead-lettered: %s", error)
+            self.dead_letter.write_raw(item.head, reason="malformed", error=error)
 
     def _connected(self, engine: Engine, clamped_from: int | None, now: int) -> None:
         if self.normalizer is None or self.normalizer.engine.id != engine.id:
@@ -144,10 +155,19 @@ class Pipeline:
                 continue
             try:
                 ce = normalizer.normalize(line)
-            except MalformedEventError as exc:
+            except Exception as exc:
+                # The normalizer raises only MalformedEventError; should anything else escape
+                # it, that is still one bad line: a crash would loop on the engine's replay.
+                malformed = (
+                    exc
+                    if isinstance(exc, MalformedEventError)
+                    else MalformedEventError(
+                        f"the normalizer failed: {type(exc).__name__}: {exc}", line
+                    )
+                )
                 self.metrics.events_malformed.inc()
-                log.warning("malformed line from the engine, dead-lettered: %s", exc)
-                self.dead_letter.write_raw(exc.raw, reason="malformed", error=exc)
+                log.warning("malformed line from the engine, dead-lettered: %s", malformed)
+                self.dead_letter.write_raw(malformed.raw, reason="malformed", error=malformed)
                 continue
             data = ce.data
             if self._pending_gap is not None:

@@ -7,14 +7,21 @@ Precedence, highest first: environment, YAML file, defaults. Sinks are a list di
 from __future__ import annotations
 
 import contextvars
+import ipaddress
+import json
+import os
+import re
+import tempfile
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import urlsplit
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
     SettingsConfigDict,
+    SettingsError,
 )
 
 from relay.errors import ConfigError
@@ -27,6 +34,46 @@ from relay.sink import SinkConfigBase
 _yaml_data: contextvars.ContextVar[dict[str, Any] | None] = contextvars.ContextVar(
     "yaml", default=None
 )
+
+
+_HOST_LABEL = re.compile(r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)")
+
+
+def is_host(value: str) -> bool:
+    """An IP address, or a host name (RFC 1123 labels)."""
+    try:
+        ipaddress.ip_address(value.strip("[]"))
+        return True
+    except ValueError:
+        pass
+    name = value.removesuffix(".")
+    return 0 < len(name) <= 253 and all(_HOST_LABEL.fullmatch(p) for p in name.split("."))
+
+
+def engine_address_problem(address: str) -> str | None:
+    """Why `address` is not an engine address the relay can use; None when it is."""
+    parts = urlsplit(address)
+    scheme = parts.scheme.lower()
+    if scheme == "unix":
+        if not parts.path.startswith("/") or parts.netloc:
+            return f"{address!r}: a unix socket address is unix:///absolute/path"
+        return None
+    if scheme in ("tcp", "http", "https"):
+        try:
+            port = parts.port
+        except ValueError:
+            return f"{address!r}: the port is not a number from 1 to 65535"
+        if not parts.hostname or not is_host(parts.hostname):
+            return f"{address!r}: no valid host name or IP address"
+        if scheme == "tcp" and port is None:
+            return f"{address!r}: tcp:// needs a port (2375, or 2376 with TLS)"
+        if parts.path not in ("", "/") or parts.query or parts.fragment:
+            return f"{address!r}: an engine address has no path, query or fragment"
+        return None
+    return (
+        f"{address!r}: use unix:///path/to/docker.sock or tcp://host:port "
+        "(ssh:// and npipe:// are not supported)"
+    )
 
 
 class _Section(BaseModel):
@@ -52,10 +99,29 @@ class EngineSettings(_Section):
         "event id.",
     )
     connect_timeout: float = Field(default=10.0, gt=0, description="Connect timeout (s).")
+
+    @field_validator("host")
+    @classmethod
+    def _engine_address(cls, value: str | None) -> str | None:
+        if value is None or value == "":
+            return None
+        problem = engine_address_problem(value)
+        if problem is not None:
+            raise ValueError(problem)
+        return value
+
     queue_max: int = Field(
         default=200_000,
         ge=1000,
-        description="Raw lines buffered between the reader and the normalizer.",
+        description="Raw lines buffered between the reader and the normalizer; beyond, the "
+        "newest lines are dropped (counted in relay_reader_lines_dropped_total).",
+    )
+    max_line_bytes: int = Field(
+        default=1024 * 1024,
+        ge=64 * 1024,
+        description="Longest line (one engine event) read; a longer line is dropped as it "
+        "arrives, its first KiB dead-lettered as malformed and counted in "
+        "relay_engine_lines_oversized_total.",
     )
 
 
@@ -157,6 +223,16 @@ class HttpSettings(_Section):
     host: str = Field(default="0.0.0.0", description="Address of the HTTP port.")
     port: int = Field(default=9477, ge=0, le=65535, description="The HTTP port (0: any free).")
 
+    @field_validator("host")
+    @classmethod
+    def _bind_address(cls, value: str) -> str:
+        if not is_host(value):
+            raise ValueError(
+                f"{value!r} is not an IP address or host name (0.0.0.0: every IPv4 interface, "
+                ":: every interface)"
+            )
+        return value
+
 
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
@@ -207,6 +283,23 @@ class Settings(BaseSettings):
                     f"sinks[{index}].name", f"two sinks are called {name!r}; give each a name"
                 )
             seen.add(name)
+        if self.engine.host is None and os.environ.get("DOCKER_HOST"):
+            problem = engine_address_problem(os.environ["DOCKER_HOST"])
+            if problem is not None:
+                raise ConfigError("engine.host", f"from DOCKER_HOST: {problem}")
+
+    def check_paths(self) -> None:
+        """The state directory (and the dead-letter file's) can be used: an existing writable
+        directory, or one the relay can create. Checked by `run` and `check-config` alike."""
+        needs_state = self.spool.durable or self.dead_letter_path is None
+        if needs_state:
+            _writable_dir(self.state_dir, "state_dir")
+        if self.dead_letter_path is not None:
+            if self.dead_letter_path.is_dir():
+                raise ConfigError(
+                    "dead_letter_path", f"{self.dead_letter_path} is a directory, not a file"
+                )
+            _writable_dir(self.dead_letter_path.parent, "dead_letter_path")
 
     @property
     def dead_letter_file(self) -> Path:
@@ -222,6 +315,30 @@ class Settings(BaseSettings):
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
         return (init_settings, env_settings, _YamlSource(settings_cls))
+
+
+def _writable_dir(path: Path, setting: str) -> None:
+    """`path` is a directory the relay may write in, or the nearest existing ancestor is
+    (the relay creates the rest)."""
+    probe = path
+    while not probe.exists():
+        if probe.is_symlink():
+            raise ConfigError(setting, f"{probe} is a dangling symbolic link")
+        if probe.parent == probe:
+            break
+        probe = probe.parent
+    if not probe.is_dir():
+        what = "is not a directory" if probe == path else f"cannot be created: {probe} is a file"
+        raise ConfigError(setting, f"{path} {what}")
+    where = "" if probe == path else f" (it would be created in {probe})"
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise ConfigError(setting, f"{path} is not writable by this user{where}")
+    try:
+        # Permission bits do not tell everything (root, a read-only mount): try for real.
+        with tempfile.TemporaryFile(dir=probe, prefix=".relay-check-"):
+            pass
+    except OSError as exc:
+        raise ConfigError(setting, f"{path} is not writable: {exc.strerror}{where}") from exc
 
 
 class _YamlSource(PydanticBaseSettingsSource):
@@ -250,6 +367,50 @@ def _env_name(setting: str) -> str:
     return "RELAY_" + "__".join(p.upper() for p in head)
 
 
+def _takes_json(model: type[BaseModel], path: list[str]) -> bool:
+    """Whether the setting at `path` is a mapping, list or section (given as JSON in the
+    environment), as opposed to a scalar."""
+    annotation: Any = model
+    for part in path:
+        fields = getattr(annotation, "model_fields", None)
+        if fields is None:
+            return False
+        field = fields.get(part) or fields.get(part + "_")
+        if field is None:
+            return False
+        annotation = field.annotation
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return True
+    # dict[...], list[...], and optional or aliased forms of them.
+    text = str(annotation)
+    return any(kind in text for kind in ("dict[", "list[", "Dict[", "List["))
+
+
+def _env_parse_error(exc: SettingsError, model: type[Settings]) -> ConfigError:
+    """pydantic-settings says only which top-level field failed to parse: find the variable."""
+    match = re.search(r'field "([^"]+)"', str(exc))
+    field = match[1] if match else ""
+    prefix = f"RELAY_{field}".upper()
+    for name in sorted(os.environ):
+        upper = name.upper()
+        if upper != prefix and not upper.startswith(prefix + "__"):
+            continue
+        if not _takes_json(model, upper.removeprefix("RELAY_").lower().split("__")):
+            continue
+        try:
+            json.loads(os.environ[name])
+        except ValueError as err:
+            setting = ".".join(p.lower() for p in upper.removeprefix("RELAY_").split("__"))
+            setting = (
+                "schema" + setting[len("schema_") :] if setting.startswith("schema_") else setting
+            )
+            return ConfigError(
+                setting, f"{name} is not valid JSON ({err}); complex settings take JSON there"
+            )
+    cause = exc.__cause__ or exc
+    return ConfigError(field or "environment", f"cannot parse: {cause} [env {prefix}]")
+
+
 def load_settings(config_file: Path | None = None, model: type[Settings] = Settings) -> Settings:
     """Read and validate the configuration; raise ConfigError naming the first bad setting.
     `model` is the Settings class with the installed sinks (`relay.plugins.settings_model()`)."""
@@ -271,6 +432,8 @@ def load_settings(config_file: Path | None = None, model: type[Settings] = Setti
     token = _yaml_data.set(data)
     try:
         settings = model()
+    except SettingsError as exc:
+        raise _env_parse_error(exc, model) from exc
     except ValidationError as exc:
         err = exc.errors()[0]
         setting = _setting_name(tuple(err["loc"]))
