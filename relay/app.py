@@ -247,12 +247,14 @@ def failed_components(error: BaseException) -> list[ComponentError]:
 
 
 async def serve(settings: Settings, sinks: Sequence[tuple[Sink, RouteFilter]]) -> int:
-    """Run until SIGTERM or SIGINT: exit code 0; 2 when the state directory cannot hold the
-    spool; 1 when a component failed (one log line each, with the traceback only at
+    """Run until SIGTERM, SIGINT or SIGHUP: exit code 0; 2 when the state directory cannot hold
+    the spool; 1 when a component failed (one log line each, with the traceback only at
     log.level DEBUG)."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
+    # SIGHUP too: a closed terminal (or a supervisor's hangup) drains like a stop, rather than
+    # killing the relay in the middle of a delivery.
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         loop.add_signal_handler(sig, stop.set)
     relay = Relay(settings, sinks)
     try:

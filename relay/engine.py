@@ -376,7 +376,7 @@ class EngineReader:
             # memory, and counted.
             kept = max(self._queue_max - self._queued_lines, 0)
             self.metrics.reader_lines_dropped.inc(n - kept)
-            log.error("reader queue full: dropped %d line(s)", n - kept)
+            log.error("reader queue full: dropped %d line(s)", n - kept, extra={"burst": True})
             if not kept:
                 return
             assert isinstance(item, list)  # an oversized line is one line: nothing was kept

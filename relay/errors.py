@@ -5,6 +5,9 @@
     ├── SourceError            the engine cannot be reached or its stream broke
     └── SinkError              one delivery attempt failed (carries the sink name)
         ├── RetryableSinkError     try again later (optionally after `retry_after` seconds)
+        │   └── RejectedSinkError  the destination refused or dropped the connection while this
+        │                          event (or its batch) was in flight: one of its events may be
+        │                          the cause; the outbox retries such events one at a time
         ├── PermanentSinkError     this event can never be delivered: dead-letter it
         │   └── SinkStoppedError   the destination asked us to stop (e.g. HTTP 410 Gone)
         └── PartialDeliveryError   some events of a batch failed; `failures` says which
@@ -41,6 +44,8 @@ class SinkError(RelayError):
     def __init__(self, message: str, *, sink: str = "") -> None:
         super().__init__(message)
         self.sink = sink
+        self.message = message
+        """The text without the sink's name, for quoting inside another error of that sink."""
 
     def __str__(self) -> str:
         text = super().__str__()
@@ -53,6 +58,17 @@ class RetryableSinkError(SinkError):
     def __init__(self, message: str, *, sink: str = "", retry_after: float | None = None) -> None:
         super().__init__(message, sink=sink)
         self.retry_after = retry_after
+
+
+class RejectedSinkError(RetryableSinkError):
+    """The destination refused, or dropped the connection, while this event or its batch was in
+    flight: a malformed-packet disconnect, a broker's verdict on a whole batch of records. One
+    event of the batch may be the cause, or the timing may be a coincidence (a broker restart).
+
+    The outbox retries the events of a batch that failed so one at a time, in order, with the
+    usual backoff; an event rejected twice when sent alone is dead-lettered as permanent, and
+    the sink goes on with the next (`relay.outbox.Isolation`; README, "Delivery").
+    """
 
 
 class PermanentSinkError(SinkError):

@@ -3,7 +3,9 @@
 The outbox holds the sink's events in order: a window of at most `outbox.max_events` in memory,
 the rest in the spool on disk, read back as the window empties, so memory stays bounded
 whatever the backlog. The worker takes batches in order, and retries a batch (the shared
-`RetryPolicy`) before it takes the next, so a sink sees its events in engine order. Each event
+`RetryPolicy`) before it takes the next, so a sink sees its events in engine order; the events
+of a batch the destination rejected (RejectedSinkError) are retried one at a time, to find the
+one it refuses (`Isolation`). Each event
 ends in exactly one of: delivered, dead-lettered (permanent error, retries exhausted, overflow,
 sink stopped), or dropped (only with an explicit `drop_*` overflow policy); each end is told to
 the spool, which then owes it no more for this sink.
@@ -15,22 +17,25 @@ all of them hold together; beyond, the overflow policy applies, counted.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal, get_args
 
 from relay.deadletter import DeadLetter, Reason, SinkReason
 from relay.errors import (
     PartialDeliveryError,
     PermanentSinkError,
+    RejectedSinkError,
     RetryableSinkError,
     SinkError,
     SinkStoppedError,
 )
 from relay.lifecycle import TaskStatus
+from relay.logs import BurstLog, Summary
 from relay.metrics import Metrics
 from relay.retry import RetryPolicy
 from relay.schema import Event
@@ -42,6 +47,10 @@ log = logging.getLogger("relay.outbox")
 Overflow = Literal["dead_letter", "drop_oldest", "drop_newest"]
 
 Loader = Callable[[int, int], Awaitable[list[Event]]]
+
+# While one sink dead-letters for one reason, at most one line per this many seconds; each is a
+# loss an operator must hear of soon, so shorter than a client library's repeats get.
+DEAD_LETTER_LOG_INTERVAL = 10.0
 
 
 class Outbox:
@@ -146,6 +155,55 @@ class Budget:
 
     max_total: int
     total: int = 0
+
+
+# Times an event is rejected (RejectedSinkError) when sent alone before it is dead-lettered as
+# permanent. Twice, each on a new connection (a sink reconnects after a lost one): Mosquitto
+# drops the connection for a malformed packet and for its own restart or a session takeover
+# alike, without a reason the client sees (measured on 2.0.11), so a broker restarting while a
+# good event was alone in flight must not cost that event; a poison event is refused every time,
+# and a second try costs it one backoff wait.
+REJECTED_ALONE = 2
+
+
+@dataclass
+class Isolation:
+    """One batch on its way through a SinkWorker: the events still owed, in order, and which of
+    them go one at a time.
+
+    After a send of several events fails with RejectedSinkError (the destination refused, or
+    dropped the connection, with them in flight), the pending events up to the last one so
+    rejected are sent alone, in order; one rejected `REJECTED_ALONE` times alone is
+    dead-lettered. Once they are through, the rest goes as a batch again.
+    """
+
+    pending: list[Event]
+    alone: int = 0
+    """The first `alone` pending events go one at a time."""
+    _sent: set[int] = field(default_factory=set)
+    _rejected: dict[int, int] = field(default_factory=dict)
+
+    def sending(self, events: list[Event]) -> int:
+        """`events` are about to be sent: how many of them were sent before (retries)."""
+        again = sum(1 for e in events if e.seq in self._sent)
+        self._sent.update(e.seq for e in events)
+        return again
+
+    def rejected_alone(self, event: Event) -> int:
+        """`event` was rejected when sent alone: how many times now."""
+        times = self._rejected.get(event.seq, 0) + 1
+        self._rejected[event.seq] = times
+        return times
+
+    def settled(self, retry: list[Event], sent: int, suspects: int) -> None:
+        """The first `sent` pending events were sent; `retry` (in order) are still owed, and
+        `retry[:suspects]` must go one at a time."""
+        self.pending = retry + self.pending[sent:]
+        if self.alone:
+            if not retry:
+                self.alone -= 1
+        elif suspects:
+            self.alone = suspects
 
 
 class SinkWorker:
@@ -326,82 +384,116 @@ class SinkWorker:
         self._recovered()
 
     async def _deliver(self, batch: list[Event]) -> None:
-        pending = batch
-        tried = False
+        delivery = Isolation(batch)
 
         async def attempt() -> None:
-            nonlocal pending, tried
-            if tried:
-                self._retried.inc(len(pending))
-            tried = True
-            pending = await self._attempt(pending)
+            while delivery.pending:
+                await self._attempt(delivery)
 
         try:
             await self.policy.deliver(attempt)
         except SinkStoppedError as exc:
             # This batch first, then what queued behind it: the file keeps engine order.
-            self._dead_letter(pending, "sink_stopped", exc)
+            self._dead_letter(delivery.pending, "sink_stopped", exc)
             self._stop(str(exc))
-            return
-        except PermanentSinkError as exc:
-            self._dead_letter(pending, "permanent", exc)
             return
         except SinkError as exc:
             log.error(
                 "sink %s: giving up on %d event(s) after retries, dead-lettered: %s",
                 self.name,
-                len(pending),
+                len(delivery.pending),
                 exc,
             )
-            self._dead_letter(pending, "retries_exhausted", exc)
+            self._dead_letter(delivery.pending, "retries_exhausted", exc)
             return
         self._recovered()
 
-    async def _attempt(self, pending: list[Event]) -> list[Event]:
-        """One try. Returns [] when all are handled; raises with the still-pending ones kept in
-        `pending` (mutated in place) when some must be retried."""
+    async def _attempt(self, delivery: Isolation) -> None:
+        """One send: the pending events, or only the first of them while isolating. Settles
+        each event it can (delivered, dead-lettered) and raises the error to retry the rest
+        with (after the policy's backoff), keeping them in `delivery.pending`, in order."""
+        sending = delivery.pending[:1] if delivery.alone else delivery.pending
+        resent = delivery.sending(sending)
+        if resent:
+            self._retried.inc(resent)
+        failures = await self._send(sending)
+        ok: list[Event] = []
+        retry: list[Event] = []
+        retry_error: RetryableSinkError | None = None
+        stopped: SinkStoppedError | None = None
+        suspects = 0  # retry[:suspects] reaches the last event rejected in a batch
+        # Dead letters in batch order; a run of events with one error is written as one.
+        dead: list[tuple[list[Event], Reason, SinkError]] = []
+
+        def dead_letter(event: Event, reason: Reason, error: SinkError) -> None:
+            if dead and dead[-1][1] == reason and dead[-1][2] is error:
+                dead[-1][0].append(event)
+            else:
+                dead.append(([event], reason, error))
+
+        for index, event in enumerate(sending):
+            err = failures.get(index)
+            if err is None:
+                ok.append(event)
+            elif isinstance(err, SinkStoppedError):
+                dead_letter(event, "sink_stopped", err)
+                stopped = stopped or err
+            elif isinstance(err, RejectedSinkError) and len(sending) == 1:
+                times = delivery.rejected_alone(event)
+                if times >= REJECTED_ALONE:
+                    # Refused whenever it is sent, by itself: this event is the cause.
+                    refused = PermanentSinkError(
+                        f"rejected by the destination when sent alone ({times} times, each on "
+                        f"a new attempt): {err.message}",
+                        sink=self.name,
+                    )
+                    refused.__cause__ = err
+                    dead_letter(event, "permanent", refused)
+                else:
+                    retry.append(event)
+                    retry_error = retry_error or err
+            elif isinstance(err, RetryableSinkError):
+                retry.append(event)
+                retry_error = retry_error or err
+                if isinstance(err, RejectedSinkError):
+                    suspects = len(retry)
+            else:
+                dead_letter(event, "permanent", err)
+        self._acked(ok)
+        for events, reason, error in dead:
+            self._dead_letter(events, reason, error)
+        delivery.settled(retry, len(sending), suspects)
+        if suspects:
+            log.info(
+                "sink %s: the destination rejected or dropped %d event(s) in flight; sending "
+                "them one at a time, in order, to find one it refuses",
+                self.name,
+                suspects,
+            )
+        if stopped is not None:
+            raise stopped
+        if retry_error is not None:
+            self._failing(retry_error)
+            raise retry_error
+
+    async def _send(self, events: list[Event]) -> dict[int, SinkError]:
+        """One call of the sink: the error of each event that failed, by index in `events` ({}
+        when the destination acknowledged all of them)."""
         try:
             if self.sink.state is SinkState.NEW:
                 await self._start_once()
-            await self.sink.send(pending)
+            await self.sink.send(events)
         except PartialDeliveryError as exc:
-            retry: list[Event] = []
-            retry_error: RetryableSinkError | None = None
-            stopped: SinkStoppedError | None = None
-            ok: list[Event] = []
-            for index, event in enumerate(pending):
-                err = exc.failures.get(index)
-                if err is None:
-                    ok.append(event)
-                elif isinstance(err, SinkStoppedError):
-                    self._dead_letter([event], "sink_stopped", err)
-                    stopped = stopped or err
-                elif isinstance(err, RetryableSinkError):
-                    retry.append(event)
-                    retry_error = retry_error or err
-                else:
-                    self._dead_letter([event], "permanent", err)
-            self._acked(ok)
-            pending[:] = retry
-            if stopped is not None:
-                raise stopped from exc
-            if retry_error is not None:
-                self._failing(retry_error)
-                raise retry_error from exc
-            return []
+            return dict(exc.failures)
         except SinkError as exc:
-            if isinstance(exc, RetryableSinkError):
-                self._failing(exc)
-            raise
-        except asyncio.CancelledError:
-            raise
+            return dict.fromkeys(range(len(events)), exc)
         except Exception as exc:
             # A client library error the sink did not translate: assume transient, keep the
             # events, and say so once per burst.
-            self._failing(exc)
-            raise RetryableSinkError(f"unexpected error: {exc!r}", sink=self.name) from exc
-        self._acked(pending)
-        return []
+            error = RetryableSinkError(f"unexpected error: {exc!r}", sink=self.name)
+            error.__cause__ = exc
+            return dict.fromkeys(range(len(events)), error)
+        return {}
 
     # -- outcomes ------------------------------------------------------------------------
 
@@ -429,11 +521,16 @@ class SinkWorker:
         for event in events:
             self.dead_letter.write_event(event, sink=self.name, reason=reason, error=error)
             counter.inc()
+        self._dead_letter_log(events, reason, error)
         if held:
             self._finished(events)
         else:
             for event in events:
                 self.spool.done(self.bit, event.seq)
+
+    @functools.cached_property
+    def _dead_letter_log(self) -> DeadLetterLog:
+        return DeadLetterLog(self.name)
 
     def _finished(self, events: list[Event]) -> None:
         """This sink is done with `events` (held ones): the spool owes them no more for it."""
@@ -484,3 +581,53 @@ class SinkWorker:
             self._dead_letter(self.outbox.take_all(), "sink_stopped", reason)
             self._depth.set(0)
             # What waits on disk is dead-lettered as the worker reads it back.
+
+
+class DeadLetterLog:
+    """One sink's dead letters in the log, once per burst per reason: the first at once (its
+    event id and the error), then at most one line per `DEAD_LETTER_LOG_INTERVAL` with the count
+    since, however many thousands a full spool refuses."""
+
+    def __init__(
+        self, sink: str, *, clock: Callable[[], float] = time.monotonic, timer: bool = True
+    ) -> None:
+        self.sink = sink
+        self.bursts: BurstLog[Reason] = BurstLog(
+            DEAD_LETTER_LOG_INTERVAL, self._summary, clock=clock, timer=timer
+        )
+
+    def __call__(self, events: list[Event], reason: Reason, error: BaseException | str) -> None:
+        text = str(error)
+        if not self.bursts.hit(reason, len(events), text):
+            return
+        extra = {"sink": self.sink, "reason": reason, "event_id": events[0].id}
+        if len(events) == 1:
+            log.error(
+                "sink %s: event %s dead-lettered (%s): %s",
+                self.sink,
+                events[0].id,
+                reason,
+                text,
+                extra=extra,
+            )
+        else:
+            log.error(
+                "sink %s: %d events dead-lettered (%s), the first %s: %s",
+                self.sink,
+                len(events),
+                reason,
+                events[0].id,
+                text,
+                extra={**extra, "count": len(events)},
+            )
+
+    def _summary(self, summary: Summary[Reason]) -> None:
+        log.error(
+            "sink %s: %d more event(s) dead-lettered (%s: %s) in the last %.0fs",
+            self.sink,
+            summary.count,
+            summary.key,
+            summary.last,
+            summary.seconds,
+            extra={"sink": self.sink, "reason": summary.key, "count": summary.count},
+        )

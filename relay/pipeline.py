@@ -31,6 +31,8 @@ from relay.spool import Recovered, Spool
 
 log = logging.getLogger("relay.pipeline")
 
+# A flood of bad lines is one log line per burst, with the count (relay.logs.BurstFilter).
+_BURST = {"burst": True}
 _RECORD_SEPARATOR = b"\x1e"  # application/json-seq framing (API >= 1.52), stripped if present
 
 
@@ -116,7 +118,7 @@ class Pipeline:
             )
             self.metrics.events_malformed.inc()
             self.metrics.engine_lines_oversized.inc()
-            log.warning("oversized line from the engine, dead-lettered: %s", error)
+            log.warning("oversized line from the engine, dead-lettered: %s", error, extra=_BURST)
             self.dead_letter.write_raw(item.head, reason="malformed", error=error)
 
     def _connected(self, engine: Engine, clamped_from: int | None, now: int) -> None:
@@ -166,7 +168,9 @@ class Pipeline:
                     )
                 )
                 self.metrics.events_malformed.inc()
-                log.warning("malformed line from the engine, dead-lettered: %s", malformed)
+                log.warning(
+                    "malformed line from the engine, dead-lettered: %s", malformed, extra=_BURST
+                )
                 self.dead_letter.write_raw(malformed.raw, reason="malformed", error=malformed)
                 continue
             data = ce.data

@@ -21,6 +21,9 @@ around the adapter's three methods so that no adapter keeps lifecycle state of i
 - `async with sink:` starts it and closes it.
 
 Per-event outcomes of a batch are folded into one error by `Sink.fail()`, the one rule for it.
+When the destination refused, or dropped the connection, with events in flight and does not say
+which one it objected to, those events fail with RejectedSinkError (a retryable error): the
+outbox then sends them one at a time, and dead-letters one that is rejected twice alone.
 """
 
 from __future__ import annotations
@@ -40,20 +43,37 @@ from pydantic import BaseModel, ConfigDict, Field
 from relay.errors import (
     PartialDeliveryError,
     PermanentSinkError,
+    RejectedSinkError,
     RetryableSinkError,
     SinkError,
     SinkStoppedError,
 )
+from relay.names import (
+    KAFKA_TOPIC_MAX,
+    MQTT_LEVEL_MAX_BYTES,
+    MQTT_TOPIC_MAX_BYTES,
+    encode_header_value,
+    escape_text,
+    has_unsafe_chars,
+    kafka_topic,
+    kafka_topic_part,
+    mqtt_topic_level,
+    unescape,
+)
 from relay.router import RouteFilter
 from relay.schema import Event
-from relay.template import EVENT_FIELDS, Template
+from relay.template import EVENT_FIELDS, Template, require_fixed_start
 from relay.tls import TlsSettings, read_secret_file, resolve_secret_files
 
 __all__ = [
     "EVENT_FIELDS",
+    "KAFKA_TOPIC_MAX",
+    "MQTT_LEVEL_MAX_BYTES",
+    "MQTT_TOPIC_MAX_BYTES",
     "Event",
     "PartialDeliveryError",
     "PermanentSinkError",
+    "RejectedSinkError",
     "RetryableSinkError",
     "Sink",
     "SinkConfigBase",
@@ -63,8 +83,16 @@ __all__ = [
     "SinkStoppedError",
     "Template",
     "TlsSettings",
+    "encode_header_value",
+    "escape_text",
+    "has_unsafe_chars",
+    "kafka_topic",
+    "kafka_topic_part",
+    "mqtt_topic_level",
     "read_secret_file",
+    "require_fixed_start",
     "resolve_secret_files",
+    "unescape",
 ]
 
 

@@ -81,6 +81,7 @@ CREATE TABLE IF NOT EXISTS requeue (
 _ROWS_PER_STATEMENT = 500
 _IDS_PER_STATEMENT = 2000
 
+
 def private_dir(path: Path) -> None:
     """Create `path` and the missing directories above it as 0700, whatever the umask: a
     directory others may write in would let them swap what is below it."""

@@ -1,5 +1,9 @@
 """Templates over event fields (Kafka topics and keys, MQTT topics): `str.format`-style
-placeholders, checked once at configuration time and rendered fast."""
+placeholders, checked once at configuration time and rendered fast.
+
+A topic template must start with fixed text (`require_fixed_start`): an event field is text an
+engine user chooses (a network name), and a template that starts with one would let that user
+pick any topic, `$SYS/...` or another team's, not only a name under the operator's prefix."""
 
 from __future__ import annotations
 
@@ -49,9 +53,10 @@ def event_fields(event: Event, fields: frozenset[str] = EVENT_FIELDS) -> dict[st
 class Template:
     """Only plain `{field}` placeholders from `allowed`: no attribute access, indexing,
     conversion or format spec, so rendering cannot fail or reach into objects at run time.
-    `escape` turns each value into what the destination accepts (an MQTT topic level...)."""
+    `escape` turns each value into what the destination accepts (an MQTT topic level...);
+    `finish` the whole rendered text (a Kafka topic's length...)."""
 
-    __slots__ = ("_escape", "_parts", "fields", "source")
+    __slots__ = ("_escape", "_finish", "_parts", "fields", "source")
 
     def __init__(
         self,
@@ -59,9 +64,11 @@ class Template:
         *,
         allowed: frozenset[str] = EVENT_FIELDS,
         escape: Callable[[str], str] | None = None,
+        finish: Callable[[str], str] | None = None,
     ) -> None:
         self.source = source
         self._escape = escape
+        self._finish = finish
         known = ", ".join("{" + f + "}" for f in sorted(allowed))
         try:
             parsed = list(string.Formatter().parse(source))
@@ -88,7 +95,23 @@ class Template:
 
     @property
     def literal_text(self) -> str:
+        """Every fixed part of the template, joined."""
         return "".join(literal for literal, _ in self._parts)
+
+    @property
+    def fixed_start(self) -> str:
+        """The fixed text before the first placeholder (all of it when there is none)."""
+        start: list[str] = []
+        for literal, field in self._parts:
+            start.append(literal)
+            if field is not None:
+                break
+        return "".join(start)
+
+    @property
+    def placeholders(self) -> int:
+        """How many placeholders the template has (a field named twice counts twice)."""
+        return sum(1 for _, field in self._parts if field is not None)
 
     def render_values(self, values: Mapping[str, str]) -> str:
         escape = self._escape
@@ -98,10 +121,22 @@ class Template:
             if field is not None:
                 value = values[field]
                 out.append(escape(value) if escape is not None else value)
-        return "".join(out)
+        text = "".join(out)
+        return text if self._finish is None else self._finish(text)
 
     def render(self, event: Event) -> str:
         return self.render_values(event_fields(event, self.fields))
 
     def __repr__(self) -> str:
         return f"Template({self.source!r})"
+
+
+def require_fixed_start(template: Template, setting: str) -> None:
+    """ValueError naming `setting` unless `template` has fixed text before its first
+    placeholder: no event field alone picks a topic."""
+    if template.fields and not template.fixed_start:
+        raise ValueError(
+            f"{setting}: template {template.source!r} starts with a placeholder; start it "
+            "with fixed text (e.g. 'docker/...' or 'docker.'), so that no event field (a "
+            "network or container name anyone with engine access chooses) picks the topic"
+        )

@@ -3,7 +3,8 @@
 #   * Debian packages: the 20.10 Docker Engine, busybox-static (for the test image),
 #     debootstrap (a local base for the container image test),
 #     mosquitto, stunnel4 and openssl (TLS tests), prometheus (promtool and a real server
-#     for the alert rule and dashboard tests);
+#     for the alert rule and dashboard tests), mosquitto-clients (mosquitto_pub, the plain
+#     tool bench/bench_vs_plain.py measures the relay against);
 #   * the project's virtualenv in .venv with the [test,bench] extras (ships tansu and the
 #     local S3 tansu keeps data in), and the example sink plugin (examples/sink-plugin);
 #   * Debian forky's Docker Engine 28.5 unpacked under .cache/engines/forky/ without
@@ -17,7 +18,8 @@ cd "$REPO"
 log() { printf '[setup] %s\n' "$*" >&2; }
 
 # --- 1. Debian packages -------------------------------------------------------------------
-APT_PACKAGES=(docker.io busybox-static mosquitto stunnel4 openssl debootstrap prometheus)
+APT_PACKAGES=(docker.io busybox-static mosquitto stunnel4 openssl debootstrap prometheus
+    mosquitto-clients)
 
 missing=()
 for pkg in "${APT_PACKAGES[@]}"; do

@@ -15,8 +15,13 @@ Failure classes, decided here once:
   at-least-once delivery allows), leader changes, unknown topic (an operator may create it;
   until then the outbox keeps the events), authentication failures (credentials can be fixed
   on the broker side): retryable;
-- record too large, invalid topic name, other errors aiokafka marks non-retriable: permanent
-  for that record.
+- the broker refusing records (MESSAGE_TOO_LARGE, RECORD_LIST_TOO_LARGE, CORRUPT_MESSAGE,
+  INVALID_RECORD: a topic's size limit, a schema it validates): rejected. The broker answers
+  for a partition's whole batch of records, and aiokafka fails every record of it, so the
+  outbox sends them again one at a time: the record refused again alone is dead-lettered, the
+  others go through;
+- a record over `max_request_size` (the producer's own check, one record), invalid topic name,
+  other errors aiokafka marks non-retriable: permanent for that record.
 """
 
 from __future__ import annotations
@@ -31,8 +36,10 @@ from typing import TYPE_CHECKING, Any, Final, Literal
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 
 from relay.sink import (
+    KAFKA_TOPIC_MAX,
     Event,
     PermanentSinkError,
+    RejectedSinkError,
     RetryableSinkError,
     Sink,
     SinkConfigBase,
@@ -40,6 +47,11 @@ from relay.sink import (
     SinkError,
     Template,
     TlsSettings,
+    escape_text,
+    has_unsafe_chars,
+    kafka_topic,
+    kafka_topic_part,
+    require_fixed_start,
     resolve_secret_files,
 )
 
@@ -47,7 +59,7 @@ if TYPE_CHECKING:
     from aiokafka import AIOKafkaProducer
 
 # Kafka's own rule for topic names (kafka.common.internals.Topic).
-_TOPIC_RE: Final = re.compile(r"[a-zA-Z0-9._-]{1,249}")
+_TOPIC_RE: Final = re.compile(rf"[a-zA-Z0-9._-]{{1,{KAFKA_TOPIC_MAX}}}")
 _TOPIC_CHARS: Final = re.compile(r"[a-zA-Z0-9._-]*")
 
 
@@ -57,9 +69,15 @@ def topic_problem(topic: str) -> str | None:
     if not _TOPIC_RE.fullmatch(topic):
         return (
             f"topic {topic!r} is not a valid Kafka topic name "
-            "(1 to 249 characters of a-z A-Z 0-9 . _ -)"
+            f"(1 to {KAFKA_TOPIC_MAX} characters of a-z A-Z 0-9 . _ -)"
         )
     return None
+
+
+def topic_template(template: str) -> Template:
+    """A Kafka topic template: each value keeps only Kafka's characters, and the whole topic
+    is bounded to a valid name (`relay.names`)."""
+    return Template(template, escape=kafka_topic_part, finish=kafka_topic)
 
 
 # --- settings -----------------------------------------------------------------------------
@@ -156,15 +174,27 @@ class KafkaSinkConfig(SinkConfigBase):
             problem = topic_problem(value)
             if problem:
                 raise ValueError(problem)
-        elif not _TOPIC_CHARS.fullmatch(literal):
+            return value
+        require_fixed_start(template, "topic")
+        if not _TOPIC_CHARS.fullmatch(literal):
             raise ValueError(f"template {value!r}: the fixed text may only hold a-z A-Z 0-9 . _ -")
+        if len(literal) > KAFKA_TOPIC_MAX:
+            raise ValueError(
+                f"template {value!r}: the fixed text alone is longer than a Kafka topic "
+                f"({KAFKA_TOPIC_MAX} characters)"
+            )
         return value
 
     @field_validator("key")
     @classmethod
     def _check_key(cls, value: str | None) -> str | None:
-        if value:
-            Template(value)
+        # A key may start with a placeholder (the default does): it picks a partition of the
+        # topic, never a destination.
+        if value and has_unsafe_chars(Template(value).literal_text):
+            raise ValueError(
+                f"template {value!r}: the fixed text holds a control character, a noncharacter "
+                "or a lone surrogate"
+            )
         return value or None
 
     @field_validator("compression")
@@ -230,8 +260,9 @@ class KafkaSink(Sink):
         super().__init__(config.sink_name, config.max_batch)
         self.config = config
         self._context = context or SinkContext()
-        self._topic = Template(config.topic)
-        self._key = Template(config.key) if config.key else None
+        self._topic = topic_template(config.topic)
+        # A key is a UTF-8 string like the headers: the same escape (control characters...).
+        self._key = Template(config.key, escape=escape_text) if config.key else None
         self._binary = config.content_mode == "binary"
         self._producer: AIOKafkaProducer | None = None
         self._reconnect = False
@@ -243,6 +274,7 @@ class KafkaSink(Sink):
         from aiokafka import AIOKafkaProducer
         from aiokafka.errors import KafkaError
 
+        _know_invalid_record()
         producer = AIOKafkaProducer(**self.config.producer_options(self._context.relay_id))
         try:
             await producer.start()
@@ -288,12 +320,6 @@ class KafkaSink(Sink):
                 failures[index] = stalled
                 continue
             topic, key, value, headers = self.encode(event)
-            problem = topic_problem(topic)
-            if problem is not None:
-                failures[index] = PermanentSinkError(
-                    f"{problem} (from template {self._topic.source!r})", sink=self.name
-                )
-                continue
             try:
                 future = await producer.send(
                     topic,
@@ -330,7 +356,9 @@ class KafkaSink(Sink):
         topic = self._topic.render(event)
         key = self._key.render(event).encode() if self._key is not None else None
         if self._binary:
-            headers = [("ce_" + k, v.encode()) for k, v in event.attributes().items()]
+            # Header values are UTF-8 strings (CloudEvents Kafka binding); the subject can be
+            # any name, so they get the escape of every text binding.
+            headers = [("ce_" + k, escape_text(v).encode()) for k, v in event.attributes().items()]
             headers.append(("content-type", event.ce.datacontenttype.encode()))
             return topic, key, event.data_json(), headers
         return topic, key, event.json(), [("content-type", STRUCTURED_CONTENT_TYPE)]
@@ -351,10 +379,22 @@ class KafkaSink(Sink):
                 f"(topic {topic!r}): {text}",
                 sink=self.name,
             )
-        if isinstance(exc, (e.MessageSizeTooLargeError, e.RecordTooLargeError)):
+        if isinstance(exc, e.MessageSizeTooLargeError) and exc.args:
+            # The producer's own check of this one record, which raises with its message
+            # (a broker's answer carries none: see below).
             return PermanentSinkError(
                 f"record too large for topic {topic!r} "
                 f"(max_request_size {self.config.max_request_size}): {text}",
+                sink=self.name,
+            )
+        if isinstance(
+            exc, (e.MessageSizeTooLargeError, e.RecordListTooLargeError, e.CorruptRecordException)
+        ) or (isinstance(exc, e.BrokerResponseError) and exc.errno == _INVALID_RECORD):
+            # The broker's verdict on a partition's whole batch: aiokafka fails every record of
+            # it with the same error, though one record may be the cause. The outbox sends them
+            # again one at a time; the one refused again alone is dead-lettered.
+            return RejectedSinkError(
+                f"broker refused the records to topic {topic!r} sent with this one: {text}",
                 sink=self.name,
             )
         if isinstance(exc, e.UnknownError):
@@ -410,6 +450,29 @@ def _is_connection_error(exc: BaseException) -> bool:
     from aiokafka.errors import KafkaConnectionError, NoBrokersAvailable
 
     return isinstance(exc, (KafkaConnectionError, NoBrokersAvailable, OSError, TimeoutError))
+
+
+# Kafka's INVALID_RECORD: the broker validated a record and refused it (a schema, a compacted
+# topic's record without a key).
+_INVALID_RECORD: Final = 87
+
+
+def _know_invalid_record() -> None:
+    """Teach aiokafka (0.14 has no class for it) the INVALID_RECORD error code. Unknown to it,
+    the code arrives as UnknownError, which a broker also answers while it comes back up (tansu
+    does) and which is therefore retried: one refused record would hold its sink forever."""
+    from aiokafka import errors
+
+    if _INVALID_RECORD in errors.kafka_errors:
+        return
+
+    # aiokafka ships no type information: its base class is Any to mypy.
+    class InvalidRecordError(errors.BrokerResponseError):  # type: ignore[misc]
+        errno = _INVALID_RECORD
+        message = "INVALID_RECORD"
+        description = "The broker validated the record and refused it."
+
+    errors.kafka_errors[_INVALID_RECORD] = InvalidRecordError
 
 
 def _describe(exc: BaseException) -> str:

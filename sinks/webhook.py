@@ -10,6 +10,10 @@ into one chain per actor; chains run concurrently (up to `concurrency`, default 
 order), events within a chain one after the other, so one actor's events always arrive in
 engine order. When an event fails with a
 retryable error, the rest of its chain is held back (not sent) and retried with it.
+
+In batch mode one status answers a whole request: a refused batch of several events is a
+rejection (the outbox worker then sends them one at a time); refused alone, an event is
+permanent.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ from pydantic import AnyHttpUrl, Field, SecretStr, field_validator, model_valida
 from relay.sink import (
     Event,
     PermanentSinkError,
+    RejectedSinkError,
     RetryableSinkError,
     Sink,
     SinkConfigBase,
@@ -38,6 +43,7 @@ from relay.sink import (
     SinkError,
     SinkStoppedError,
     TlsSettings,
+    encode_header_value,
     resolve_secret_files,
 )
 
@@ -186,19 +192,9 @@ def sign(secret: bytes, body: bytes, timestamp: int) -> str:
     return f"t={timestamp},v1={mac.hexdigest()}"
 
 
-def encode_header_value(value: str) -> str:
-    """CloudEvents HTTP binding 3.1.3.2: percent-encode space, '"', '%' and everything outside
-    printable ASCII (as UTF-8), so any attribute value survives as an HTTP header."""
-    out: list[str] = []
-    for ch in value:
-        if "\x21" <= ch <= "\x7e" and ch not in '"%':
-            out.append(ch)
-        else:
-            out.extend(f"%{b:02X}" for b in ch.encode("utf-8"))
-    return "".join(out)
-
-
 def binary_headers(event: Event) -> dict[str, str]:
+    # Percent-encoded as the CloudEvents HTTP binding says (relay.names): the subject can be
+    # any name, control characters and all.
     headers = {f"ce-{k}": encode_header_value(v) for k, v in event.attributes().items()}
     headers["Content-Type"] = event.ce.datacontenttype
     return headers
@@ -334,7 +330,18 @@ class WebhookSink(Sink):
             return
         if self.config.mode == "batch":
             body = b"[" + b",".join([event.json() for event in batch]) + b"]"
-            await self._post(session, body, {"Content-Type": BATCH_CONTENT_TYPE})
+            try:
+                await self._post(session, body, {"Content-Type": BATCH_CONTENT_TYPE})
+            except SinkStoppedError:
+                raise
+            except PermanentSinkError as exc:
+                if len(batch) == 1:
+                    raise
+                # One status answers the whole request: the outbox worker sends the events
+                # one at a time to find which the receiver refuses.
+                raise RejectedSinkError(
+                    f"{exc} (a batch of {len(batch)} events, sent alone next)", sink=self.name
+                ) from exc
             return
         await self._send_chains(session, batch)
 

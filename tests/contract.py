@@ -16,7 +16,10 @@ A subclass provides:
 and, for each behaviour below that its destination can show, one more hook. A destination that
 cannot show one names it in `cannot`, with the reason, and that test is skipped with it:
 - "refuse_one_event": `make_undeliverable(event)` -> that event (or one with its id) made so
-  that the real destination refuses it while it takes the others;
+  that the real destination refuses it while it takes the others, in one send;
+- "dead_letter_one_event": the same hook; through the relay's outbox worker only that event is
+  dead-lettered (the worker sends a refused batch's events one at a time to find it, so a
+  destination that answers a batch as a whole shows this one too);
 - "restart": `restart_destination()` stops the destination and starts it again at the same
   address, keeping what it had received;
 - "slow": `make_slow_sink(delay)` -> a sink whose every exchange with the destination takes
@@ -303,8 +306,13 @@ class SinkContract(abc.ABC):
         assert isinstance(info.value.failures[refused_at], PermanentSinkError)
         assert received_ids(got) == ids(good)
 
-        # The same through the relay's own outbox worker: the refused event, and only it, goes
-        # to the dead-letter file; every event of the batch ends exactly once.
+    async def test_the_worker_dead_letters_one_undeliverable_event_alone(
+        self, tmp_path: Path
+    ) -> None:
+        # Through the relay's own outbox worker: the refused event, and only it, goes to the
+        # dead-letter file; every event of the batch ends exactly once.
+        self._requires("dead_letter_one_event")
+        refused_at = 3
         batch = self._batch_with_one_undeliverable(refused_at)
         refused = batch[refused_at]
         good = [e for i, e in enumerate(batch) if i != refused_at]

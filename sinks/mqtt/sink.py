@@ -8,9 +8,16 @@ Binding (CloudEvents MQTT protocol binding):
 - MQTT 3.1.1: structured only (the protocol has no properties), no content type.
 
 Delivery: an event counts as delivered when the broker acknowledged it (PUBACK for QoS 1,
-PUBCOMP for QoS 2); at QoS 0 when paho handed it to the socket. One paho client lives as long
-as the sink, across reconnects, so QoS 1/2 messages in flight at a connection loss stay in its
-session and are re-sent by paho after the reconnect; a retried batch waits for those instead of
+PUBCOMP for QoS 2); at QoS 0 when paho handed it to the socket. A broker refuses some messages
+by dropping the connection (Mosquitto: a malformed packet, a packet over `max_packet_size`; a
+PUBACK 0x95 for one over `message_size_limit`, which paho itself takes for a malformed packet):
+events still unacknowledged when the connection is lost fail with RejectedSinkError, unless the
+broker said the loss was not about them (shutting down, session taken over, keepalive...), and
+the outbox sends them one at a time to find the one refused. So that paho does not re-send such
+a message on its own after the reconnect, forever, its unacknowledged messages are dropped when
+the connection is lost: the outbox re-sends what is still owed (at least once: a message whose
+PUBACK the loss swallowed arrives twice). QoS 2 messages the broker already took (PUBREC) stay
+with paho, which completes them after the reconnect; a retried batch waits for those instead of
 publishing them a second time.
 
 Status: a retained `online` on the status topic after every connect, a will of `offline`
@@ -23,17 +30,19 @@ import asyncio
 import contextlib
 import functools
 import ssl
-import string
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, NamedTuple
 
 from pydantic import Field, SecretStr, ValidationInfo, field_validator, model_validator
 
 from relay.sink import (
     EVENT_FIELDS,
+    MQTT_LEVEL_MAX_BYTES,
+    MQTT_TOPIC_MAX_BYTES,
     Event,
     PermanentSinkError,
+    RejectedSinkError,
     RetryableSinkError,
     Sink,
     SinkConfigBase,
@@ -42,6 +51,10 @@ from relay.sink import (
     SinkState,
     Template,
     TlsSettings,
+    escape_text,
+    has_unsafe_chars,
+    mqtt_topic_level,
+    require_fixed_start,
     resolve_secret_files,
 )
 from sinks.mqtt.loop import LoopAdapter
@@ -53,14 +66,12 @@ if TYPE_CHECKING:
 
 STRUCTURED_CONTENT_TYPE = "application/cloudevents+json"
 
-_MISSING = "-"
-_LEVEL_UNSAFE = str.maketrans({"/": "_", "+": "_", "#": "_", "\0": "_"})
-
 
 def topic_level(value: str) -> str:
-    """One placeholder fills exactly one topic level: separators and wildcards become `_`, an
+    """One placeholder fills exactly one topic level (`relay.names.mqtt_topic_level`):
+    separators and wildcards become `_`, control characters `%XX`, a leading `$` `%24`, an
     empty value `-` (so `docker/+/volume/prune` subscriptions keep working for every event)."""
-    return value.translate(_LEVEL_UNSAFE) if value else _MISSING
+    return mqtt_topic_level(value)
 
 
 _RELAY_FIELDS = frozenset({"relay_id"})
@@ -75,16 +86,32 @@ def _template(template: str, allowed: frozenset[str], setting: str) -> Template:
 
 def topic_template(template: str) -> Template:
     """An MQTT topic template: each placeholder fills exactly one topic level."""
-    return Template(template, escape=topic_level)
+    return Template(template, escape=mqtt_topic_level)
 
 
-def _check_topic_literal(template: str, setting: str) -> None:
-    literal = "".join(part[0] for part in string.Formatter().parse(template))
-    if not template:
+def _check_topic_literal(template: Template, setting: str) -> None:
+    """The fixed text of a topic template is a valid publish topic: no wildcards, nothing a
+    broker refuses as malformed UTF-8, not a `$` topic, and short enough that every value
+    (each at most MQTT_LEVEL_MAX_BYTES) fits in MQTT's topic length."""
+    literal = template.literal_text
+    if not template.source:
         raise ValueError(f"{setting}: must not be empty")
-    for bad in ("+", "#", "\0"):
+    for bad in ("+", "#"):
         if bad in literal:
-            raise ValueError(f"{setting}: {bad!r} is a wildcard/invalid in a publish topic")
+            raise ValueError(f"{setting}: {bad!r} is a wildcard, invalid in a publish topic")
+    if has_unsafe_chars(literal):
+        raise ValueError(
+            f"{setting}: the fixed text holds a control character, a noncharacter or a lone "
+            "surrogate, which brokers refuse in a topic"
+        )
+    if template.fixed_start.startswith("$"):
+        raise ValueError(f"{setting}: topics starting with '$' are reserved to the broker")
+    longest = len(literal.encode()) + template.placeholders * MQTT_LEVEL_MAX_BYTES
+    if longest > MQTT_TOPIC_MAX_BYTES:
+        raise ValueError(
+            f"{setting}: topics could reach {longest} bytes (fixed text, plus up to "
+            f"{MQTT_LEVEL_MAX_BYTES} per placeholder); MQTT allows {MQTT_TOPIC_MAX_BYTES}"
+        )
 
 
 # -- settings ----------------------------------------------------------------------------------
@@ -163,8 +190,11 @@ class MqttSinkConfig(SinkConfigBase):
             return None
         assert value is not None and info.field_name is not None
         allowed = EVENT_FIELDS if info.field_name == "topic" else _RELAY_FIELDS
-        _template(value, allowed, info.field_name)
-        _check_topic_literal(value, info.field_name)
+        template = _template(value, allowed, info.field_name)
+        _check_topic_literal(template, info.field_name)
+        if info.field_name == "topic":
+            # The status topic is exempt: its one field, relay_id, is the operator's own.
+            require_fixed_start(template, info.field_name)
         return value
 
     @field_validator("client_id")
@@ -204,8 +234,22 @@ class MqttSinkConfig(SinkConfigBase):
 
 # -- the sink ----------------------------------------------------------------------------------
 
-# MQTT 5 PUBACK/PUBREC reason codes after which the same message can never succeed.
+# MQTT 5 PUBACK/PUBREC reason codes after which the same message can never succeed: Not
+# authorized, Topic Name invalid, Packet too large, Payload format invalid.
 _PERMANENT_PUBLISH_CODES = frozenset({0x87, 0x90, 0x95, 0x99})
+# A refusal of this message that names no cause (Unspecified error, Implementation specific
+# error): sent alone again, and dead-lettered if refused again (the outbox's isolation), not
+# retried forever.
+_REJECTED_PUBLISH_CODES = frozenset({0x80, 0x83})
+# MQTT 5 DISCONNECT reason codes (the broker's, or paho's own keepalive timeout) that say why the
+# connection ended, and it was not a message of ours: Normal disconnection, Server busy, Server
+# shutting down, Keep alive timeout, Session taken over, Quota exceeded, Administrative action,
+# Use another server, Server moved, Connection rate exceeded, Maximum connect time. Any other
+# loss (a malformed packet, Packet too large, Protocol error, or the socket simply closing, which
+# is all MQTT 3.1.1 and Mosquitto 2.0's restarts show) may be a message refused.
+_NOT_ABOUT_A_MESSAGE = frozenset({0x00, 0x89, 0x8B, 0x8D, 0x8E, 0x97, 0x98, 0x9C, 0x9D, 0x9F, 0xA0})
+# Not an MQTT reason code (those are 0-255): the future of a message dropped with the connection.
+_LOST = -2
 # CONNACK reason codes of a refusal that is about who we are, not about the broker's health.
 _AUTH_CONNACK_CODES = frozenset({0x84, 0x85, 0x86, 0x87, 0x8C, 4, 5})
 
@@ -232,7 +276,7 @@ class MqttSink(Sink):
         self._client: mqtt.Client | None = None
         self._io: LoopAdapter | None = None
         self._connack: asyncio.Future[tuple[int, str]] | None = None
-        self._lost: asyncio.Future[str] | None = None
+        self._lost: asyncio.Future[_Loss] | None = None
         self._connect_lock = asyncio.Lock()
         # mid -> future of its acknowledgement (the reason code); event id -> that future,
         # for QoS 1/2 messages still in paho's session.
@@ -259,6 +303,8 @@ class MqttSink(Sink):
         assert lost is not None
         loop = asyncio.get_running_loop()
         qos = self.config.qos
+        # Published while the connection is up: a loss from now on finds them in flight.
+        up = not lost.done()
         waits: dict[int, asyncio.Future[int]] = {}
         failures: dict[int, SinkError] = {}
         for index, event in enumerate(batch):
@@ -272,22 +318,30 @@ class MqttSink(Sink):
             waits[index] = fut
         await self._wait_acks(list(waits.values()), lost)
         for index, fut in waits.items():
-            if not fut.done():
-                reason = (
-                    lost.result()
-                    if lost.done()
-                    else (f"no acknowledgement within {self.config.ack_timeout:g}s")
-                )
-                failures[index] = RetryableSinkError(reason, sink=self.name)
+            code = fut.result() if fut.done() else None
+            if code is None or code == _LOST:
+                failures[index] = self._unacknowledged(lost, in_flight=up)
                 continue
-            code = fut.result()
             if code >= 0x80:
                 text = f"broker refused the message: {_reason_name(code)} (reason code {code})"
                 if code in _PERMANENT_PUBLISH_CODES:
                     failures[index] = PermanentSinkError(text, sink=self.name)
+                elif code in _REJECTED_PUBLISH_CODES:
+                    failures[index] = RejectedSinkError(text, sink=self.name)
                 else:
                     failures[index] = RetryableSinkError(text, sink=self.name)
         self.fail(failures, len(batch))
+
+    def _unacknowledged(self, lost: asyncio.Future[_Loss], *, in_flight: bool) -> SinkError:
+        """The error of a message left without its acknowledgement."""
+        if not lost.done():
+            return RetryableSinkError(
+                f"no acknowledgement within {self.config.ack_timeout:g}s", sink=self.name
+            )
+        loss = lost.result()
+        if in_flight and loss.suspect:
+            return RejectedSinkError(f"{loss.text}, with the message in flight", sink=self.name)
+        return RetryableSinkError(loss.text, sink=self.name)
 
     async def aclose(self) -> None:
         was_connected = self._connected
@@ -424,7 +478,7 @@ class MqttSink(Sink):
             if self.status_topic is not None:
                 status = self._publish_status(client, "online")
                 await self._wait_acks([status], self._lost)
-                if not status.done():
+                if not status.done() or status.result() == _LOST:
                     raise RetryableSinkError(
                         f"broker {self.address}: status message not acknowledged", sink=self.name
                     )
@@ -479,13 +533,15 @@ class MqttSink(Sink):
             return event.json(), None
         if self.mode == "structured":
             return event.json(), self._structured_properties
-        properties = PackedProperties(event.ce.datacontenttype, list(event.attributes().items()))
+        # A user property is a UTF-8 string a broker checks: the subject can be any name.
+        user = [(name, escape_text(value)) for name, value in event.attributes().items()]
+        properties = PackedProperties(event.ce.datacontenttype, user)
         return event.data_json(), properties
 
     async def _wait_acks(
         self,
         futures: list[asyncio.Future[int]],
-        lost: asyncio.Future[str],
+        lost: asyncio.Future[_Loss],
         wait_s: float | None = None,
     ) -> None:
         """Until every future is done, the connection is lost, or the deadline passes."""
@@ -538,18 +594,44 @@ class MqttSink(Sink):
         reason_code: ReasonCode,
         properties: Properties | None,
     ) -> None:
-        reason = f"connection to {self.address} lost: {reason_code.getName()}"
+        loss = _loss(
+            self.address,
+            reason_code.value,
+            reason_code.getName(),
+            from_broker=bool(getattr(flags, "is_disconnect_packet_from_server", False)),
+        )
         if self._connected:
-            self.log.warning("sink %s: %s; reconnecting at the next send", self.name, reason)
+            self.log.warning("sink %s: %s; reconnecting at the next send", self.name, loss.text)
             self._connected = False
         connack = self._connack
         if connack is not None and not connack.done():
-            connack.set_result((_CLOSED_BEFORE_CONNACK, reason))
+            connack.set_result((_CLOSED_BEFORE_CONNACK, loss.text))
         lost = self._lost
         if lost is not None and not lost.done():
-            lost.set_result(reason)
+            lost.set_result(loss)
+        self._forget_unacknowledged(client)
         if self._io is not None:
             self._io.stop_keepalive()
+
+    def _forget_unacknowledged(self, client: mqtt.Client) -> None:
+        """The connection is gone: drop the messages paho would re-send on its own after the
+        reconnect (the broker may have dropped the connection over one of them, and would again,
+        forever), except QoS 2 ones the broker already took (PUBREC), which paho completes with
+        PUBREL. Their futures end with _LOST; the outbox re-sends the events still owed."""
+        import paho.mqtt.client as mqtt
+
+        taken = (mqtt.mqtt_ms_wait_for_pubcomp, mqtt.mqtt_ms_resend_pubrel)
+        # paho's lock of its message store (reentrant): drop_out_messages takes it too.
+        with client._out_message_mutex:
+            keep = [m for m in client.drop_out_messages() if m.qos == 2 and m.state in taken]
+            for message in keep:
+                # paho can only drop them all: the broker's go back, in their order.
+                client._out_messages[message.mid] = message
+        kept = {m.mid for m in keep}
+        for mid in [mid for mid in self._by_mid if mid not in kept]:
+            fut = self._by_mid.pop(mid)
+            if not fut.done():
+                fut.set_result(_LOST)
 
     def _on_publish(
         self,
@@ -566,6 +648,25 @@ class MqttSink(Sink):
 
 # Not an MQTT reason code (those are 0-255): the connection closed before any CONNACK.
 _CLOSED_BEFORE_CONNACK = -1
+
+
+class _Loss(NamedTuple):
+    """How a connection ended."""
+
+    text: str
+    suspect: bool
+    """The broker may have dropped it over a message in flight."""
+
+
+def _loss(address: str, code: int, name: str, *, from_broker: bool) -> _Loss:
+    """A lost connection, from paho's DISCONNECT reason code (the broker's, when it sent a
+    DISCONNECT; else paho's own: Unspecified error for a closed socket, Protocol error for a
+    packet it could not accept, Keep alive timeout)."""
+    if from_broker:
+        text = f"broker {address} closed the connection: {name} (reason code {code})"
+    else:
+        text = f"connection to {address} lost: {name}"
+    return _Loss(text, code not in _NOT_ABOUT_A_MESSAGE)
 
 
 def _utf8(text: str) -> bytes:

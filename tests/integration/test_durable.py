@@ -34,7 +34,7 @@ def volumes(engine: PrivateEngine, prefix: str, count: int) -> list[str]:
 
 
 def subjects(recorder: Recorder, prefix: str) -> list[str]:
-    return [e.ce.subject for e in recorder.events if e.ce.subject.startswith(prefix)]
+    return [e.ce.subject for e in recorder.events if (e.ce.subject or "").startswith(prefix)]
 
 
 def gaps(recorder: Recorder) -> list[dict[str, str]]:

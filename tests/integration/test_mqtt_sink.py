@@ -289,6 +289,7 @@ class TestContractMqtt311(_MqttContract):
         "refuse_one_event": "an MQTT 3.1.1 PUBACK carries no reason code: Mosquitto "
         "acknowledges a publish its ACL denies and drops it (measured), so no client can see "
         "one event refused",
+        "dead_letter_one_event": "as refuse_one_event",
     }
 
 

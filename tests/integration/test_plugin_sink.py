@@ -63,6 +63,7 @@ class TestJsonLinesFileSinkContract(SinkContract):
     cannot: ClassVar[Mapping[str, str]] = {
         "refuse_one_event": "a batch goes into the file with one write, taken whole or not at "
         "all: nothing refuses one line of it",
+        "dead_letter_one_event": "as refuse_one_event",
         "restart": "a file has no server to restart; moving it away (rotation) is no restart: "
         "the sink keeps appending to the file it opened (one writer per file, its README)",
         "slow": "a local file has no network to slow down",

@@ -63,6 +63,7 @@ class TestStdoutSinkContract(SinkContract):
     cannot: ClassVar[Mapping[str, str]] = {
         "refuse_one_event": "a pipe takes a write whole or fails it whole; no reader refuses "
         "one line of it",
+        "dead_letter_one_event": "as refuse_one_event",
         "restart": "a pipe has no server to restart: a new reader is a new pipe, and the sink "
         "never reopens the stream it was given",
         "secrets": "the stdout sink has no credentials",

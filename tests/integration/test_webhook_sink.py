@@ -605,5 +605,6 @@ class TestWebhookContractBatch(TestWebhookContract):
     mode = "batch"
     cannot: ClassVar[Mapping[str, str]] = {
         "refuse_one_event": "a batch is one HTTP request, and one status code answers all of "
-        "it: a receiver cannot refuse one event of it and take the others",
+        "it: a receiver cannot refuse one event of it and take the others (the outbox worker "
+        "finds the one by sending them alone: dead_letter_one_event)",
     }

@@ -120,10 +120,11 @@ def test_structured_mode() -> None:
         (kafka_errors.UnknownError(), RetryableSinkError),
         (kafka_errors.SaslAuthenticationFailed(), RetryableSinkError),
         (kafka_errors.TopicAuthorizationFailedError(), RetryableSinkError),
-        (kafka_errors.MessageSizeTooLargeError(), PermanentSinkError),
+        # The producer's own size check (with its message); the broker's answers on a batch
+        # are RejectedSinkError: tests/unit/test_isolation.py.
+        (kafka_errors.MessageSizeTooLargeError("The message is 2000000 bytes"), PermanentSinkError),
         (kafka_errors.RecordTooLargeError(), PermanentSinkError),
         (kafka_errors.InvalidTopicError(), PermanentSinkError),
-        (kafka_errors.CorruptRecordException(), PermanentSinkError),
     ],
 )
 def test_error_classes(error: Exception, kind: type) -> None:

@@ -176,7 +176,8 @@ def test_run_says_clearly_when_its_http_port_is_taken(tmp_path: Path) -> None:
     assert "Traceback" not in result.stderr
 
 
-def test_sigterm_while_sinks_connect_stops_at_once(tmp_path: Path) -> None:
+@pytest.mark.parametrize("signame", ["SIGTERM", "SIGHUP"])
+def test_a_stop_signal_while_sinks_connect_stops_at_once(tmp_path: Path, signame: str) -> None:
     import json
     import os
     import signal
@@ -211,7 +212,7 @@ def test_sigterm_while_sinks_connect_stops_at_once(tmp_path: Path) -> None:
             message="the sink failing to connect",
         )
         sent = time.monotonic()
-        proc.send_signal(signal.SIGTERM)
+        proc.send_signal(getattr(signal, signame))
         assert proc.wait(30) == 0
         # Neither the 60 s start-up wait nor the 10 s drain deadline: nothing was queued.
         assert time.monotonic() - sent < 5, "waited for a timeout"
