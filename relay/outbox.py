@@ -398,12 +398,7 @@ class SinkWorker:
             self._stop(str(exc))
             return
         except SinkError as exc:
-            log.error(
-                "sink %s: giving up on %d event(s) after retries, dead-lettered: %s",
-                self.name,
-                len(delivery.pending),
-                exc,
-            )
+            # Logged by the dead-letter log, once per burst ("dead-lettered (retries_exhausted)").
             self._dead_letter(delivery.pending, "retries_exhausted", exc)
             return
         self._recovered()

@@ -158,9 +158,8 @@ def run_sh() -> Iterator[Callable[..., Run]]:
         (signal.SIGTERM, True, 0),
         # `kill PID`, a supervisor: the script alone; it passes SIGTERM on to the relay.
         (signal.SIGTERM, False, 0),
-        # A closed terminal: SIGHUP to the group. The relay has no SIGHUP handler and dies of
-        # it (129); the engine is stopped all the same.
-        (signal.SIGHUP, True, 128 + signal.SIGHUP),
+        # A closed terminal: SIGHUP to the group. The relay drains on it as on SIGTERM.
+        (signal.SIGHUP, True, 0),
         (signal.SIGHUP, False, 0),
         (signal.SIGINT, False, 0),
     ],
