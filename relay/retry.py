@@ -60,8 +60,30 @@ class RetryPolicy:
 
     async def deliver(self, attempt: Callable[[], Awaitable[None]]) -> None:
         """Attempts of one batch, until one succeeds or `retry.attempts`/`retry.timeout` run
-        out (the last error is raised) or an error is not retryable (raised at once)."""
-        await self._delivery(attempt)
+        out (the last error is raised) or an error is not retryable (raised at once).
+
+        The first attempt runs outside stamina: setting up its retry context costs about 55 µs,
+        paid per batch, while almost every batch succeeds at once (at 500 events/s, one event
+        per batch, three sinks: 8 % of a core). A first attempt that fails is handed to stamina
+        as its own first attempt (raised again at once), so the waits, the attempt count and
+        the Retry-After hook are stamina's exactly; only `retry.timeout` starts after the first
+        attempt instead of before it."""
+        try:
+            await attempt()
+            return
+        except Exception as exc:
+            if self._hook(exc) is False:
+                raise
+            failed: Exception | None = exc
+
+        async def again() -> None:
+            nonlocal failed
+            if failed is not None:
+                first, failed = failed, None
+                raise first
+            await attempt()
+
+        await self._delivery(again)
 
     async def start(self, attempt: Callable[[], Awaitable[None]]) -> None:
         """Attempts to start a sink: retryable failures, forever."""

@@ -27,8 +27,11 @@ Failure classes, decided here once:
 from __future__ import annotations
 
 import asyncio
+import functools
+import random
 import re
 import ssl
+import struct
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final, Literal
@@ -78,6 +81,54 @@ def topic_template(template: str) -> Template:
     """A Kafka topic template: each value keeps only Kafka's characters, and the whole topic
     is bounded to a valid name (`relay.names`)."""
     return Template(template, escape=kafka_topic_part, finish=kafka_topic)
+
+
+# --- partitions ---------------------------------------------------------------------------
+
+_M32: Final = 0xFFFFFFFF
+_MURMUR_M: Final = 0x5BD1E995
+
+
+def murmur2(data: bytes) -> int:
+    """Kafka's murmur2 (the Java client's `Utils.murmur2`, which aiokafka's default partitioner
+    uses), so a key lands on the partition any Kafka producer picks for it. Read four bytes at a
+    time: aiokafka's byte-by-byte version cost ~50 µs a record, the most of any one function in
+    the relay's profile at 500 events/s."""
+    length = len(data)
+    h = 0x9747B28C ^ length
+    whole = length & ~3
+    for (k,) in _WORDS.iter_unpack(data[:whole]):
+        k = (k * _MURMUR_M) & _M32
+        k ^= k >> 24
+        h = ((h * _MURMUR_M) & _M32) ^ ((k * _MURMUR_M) & _M32)
+    tail = length & 3
+    if tail:
+        if tail == 3:
+            h ^= data[whole + 2] << 16
+        if tail >= 2:
+            h ^= data[whole + 1] << 8
+        h = ((h ^ data[whole]) * _MURMUR_M) & _M32
+    h ^= h >> 13
+    h = (h * _MURMUR_M) & _M32
+    return h ^ (h >> 15)
+
+
+_WORDS: Final = struct.Struct("<I")
+
+
+@functools.lru_cache(maxsize=4096)
+def _key_hash(key: bytes) -> int:
+    # An actor's events share a key (its id): most keys recur.
+    return murmur2(key) & 0x7FFFFFFF
+
+
+def key_partitioner(key: bytes | None, all_partitions: list[int], available: list[int]) -> int:
+    """aiokafka's partitioner contract, with its default partitioner's choices: a keyed record
+    goes to murmur2(key) modulo the partition count; one without a key to a random available
+    partition."""
+    if key is None:
+        return random.choice(available or all_partitions)
+    return all_partitions[_key_hash(key) % len(all_partitions)]
 
 
 # --- settings -----------------------------------------------------------------------------
@@ -238,6 +289,7 @@ class KafkaSinkConfig(SinkConfigBase):
             "max_request_size": self.max_request_size,
             "request_timeout_ms": int(self.request_timeout * 1000),
             "security_protocol": self.security_protocol,
+            "partitioner": key_partitioner,
         }
         if self.tls is not None:
             options["ssl_context"] = self.tls.sink_ssl_context(self.sink_name)

@@ -9,8 +9,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import hypothesis
 import pytest
 from aiokafka import errors as kafka_errors
+from hypothesis import strategies as st
 from pydantic import ValidationError
 
 from relay.errors import ConfigError, PermanentSinkError, RetryableSinkError
@@ -265,3 +267,30 @@ def test_check_config_exits_2_on_a_malformed_key_template(tmp_path: Path) -> Non
     assert "sinks[0].key" in result.stderr and "malformed template" in result.stderr
     result = check_config(path, BAD_TEMPLATE.replace("{typo}", "{type}"))
     assert result.returncode == 0, result.stderr
+
+
+# -- partitions ----------------------------------------------------------------------------
+
+
+@hypothesis.settings(max_examples=300, deadline=None, derandomize=True)
+@hypothesis.given(key=st.binary(max_size=300), partitions=st.integers(min_value=1, max_value=64))
+def test_keys_land_on_the_partition_the_java_clients_murmur2_picks(
+    key: bytes, partitions: int
+) -> None:
+    # The sink's word-at-a-time murmur2 against aiokafka's byte-by-byte port of the Java
+    # client's: a key must keep its partition whoever produces it, and across relay versions.
+    from aiokafka.partitioner import DefaultPartitioner
+    from aiokafka.partitioner import murmur2 as reference
+
+    from sinks.kafka import key_partitioner, murmur2
+
+    assert murmur2(key) == reference(key)
+    every = list(range(partitions))
+    assert key_partitioner(key, every, every) == DefaultPartitioner()(key, every, every)
+
+
+def test_records_without_a_key_go_to_an_available_partition() -> None:
+    from sinks.kafka import key_partitioner
+
+    assert {key_partitioner(None, [0, 1, 2, 3], [2]) for _ in range(50)} == {2}
+    assert {key_partitioner(None, [0, 1], []) for _ in range(200)} == {0, 1}

@@ -345,6 +345,25 @@ async def test_retry_after_replaces_the_backoff_and_is_capped() -> None:
     assert 0.29 <= gaps[1] < 5.0  # 99 s capped at retry_after_max
 
 
+async def test_the_first_attempt_outside_stamina_counts_as_its_first() -> None:
+    # The first attempt runs before stamina's retry context (which costs ~55 µs a batch); the
+    # bound, the backoff schedule and the error raised at the end are stamina's all the same.
+    policy = RetryPolicy(RetrySettings(attempts=3, wait_initial=0.05, wait_max=10, wait_jitter=0))
+    seen: list[float] = []
+
+    async def attempt() -> None:
+        seen.append(time.monotonic())
+        raise RetryableSinkError(f"attempt {len(seen)}")
+
+    with pytest.raises(RetryableSinkError, match="attempt 3"):
+        await policy.deliver(attempt)
+    assert len(seen) == 3
+    gaps = [b - a for a, b in itertools.pairwise(seen)]
+    assert 0.05 <= gaps[0] < 0.1 + 5.0
+    assert 0.1 <= gaps[1]  # doubled: the second wait of stamina's schedule, not its first
+    assert gaps[1] > gaps[0]
+
+
 async def test_permanent_and_foreign_errors_are_never_retried(no_waits: None) -> None:
     policy = RetryPolicy(DEFAULTS)
     for exc in (PermanentSinkError("no"), ValueError("no")):
