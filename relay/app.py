@@ -54,6 +54,7 @@ class Relay:
         """`sinks` come from the composition root (`relay.plugins.build_sinks`), or a test."""
         self.settings = settings
         self.metrics = metrics or Metrics()
+        self.metrics.count_context(settings.metrics.context, settings.metrics.context_max_values)
         self.policy = RetryPolicy(settings.retry)
         # Unbounded as a queue: the reader bounds the lines it puts (engine.queue_max) itself.
         self.queue: asyncio.Queue[QueueItem] = asyncio.Queue()
@@ -89,7 +90,9 @@ class Relay:
             self.spool,
             self.dead_letter,
             self.metrics,
-            settings.schema_,
+            # The normalizer keeps of exec commands what the most permissive sink receives;
+            # the others' redaction narrows it (relay.redact).
+            settings.schema_.model_copy(update={"exec_command": settings.kept_exec_command()}),
         )
         self.reader = EngineReader(
             settings.engine,

@@ -1,4 +1,4 @@
-"""`docker-event-relay run | check-config | schema | dead-letter list|replay|purge`.
+"""`docker-event-relay run | check-config | schema | asyncapi | dead-letter list|replay|purge`.
 
 Exit 2 on a bad config, naming the setting. `--config` goes before or after the subcommand.
 """
@@ -56,6 +56,11 @@ def _parser() -> argparse.ArgumentParser:
         "check-config", parents=[config], help="validate the settings; exit 0 if valid, 2 if not"
     )
     sub.add_parser("schema", parents=[config], help="print the JSON Schema of the v1 event")
+    sub.add_parser(
+        "asyncapi",
+        parents=[config],
+        help="print the AsyncAPI document of the Kafka, MQTT and webhook channels",
+    )
 
     letters = sub.add_parser(
         "dead-letter",
@@ -99,6 +104,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "schema":
         print(json.dumps(json_schema(), indent=2, sort_keys=True))
         return 0
+    if args.command == "asyncapi":
+        return _asyncapi()
 
     from relay import plugins
 
@@ -130,6 +137,18 @@ def main(argv: list[str] | None = None) -> int:
         return asyncio.run(serve(settings, plugins.build_sinks(settings)))
     except KeyboardInterrupt:
         return 130
+
+
+def _asyncapi() -> int:
+    from relay import asyncapi, plugins
+
+    try:
+        channels = plugins.event_channels()
+    except ConfigError as exc:
+        print(f"docker-event-relay: configuration error: {exc}", file=sys.stderr)
+        return 2
+    sys.stdout.write(asyncapi.render(asyncapi.document(channels)))
+    return 0
 
 
 def _log_format() -> str:

@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Collection
+from typing import Final
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from relay.schema import Context
 
 LATENCY_BUCKETS = (
     0.001,
@@ -24,6 +28,44 @@ LATENCY_BUCKETS = (
     60,
     300,
 )
+
+
+# The label value of projects and namespaces beyond metrics.context_max_values. A Compose
+# project name starts with a letter or digit and a namespace is a DNS label: none is `_other`.
+OTHER: Final = "_other"
+# Longer is no Compose project or namespace name (a namespace has at most 63), and a label
+# value of any length would be in every scrape: counted under OTHER, as is an empty name
+# (Prometheus reads an empty label value as no label).
+MAX_NAME_CHARS: Final = 253
+
+
+class _ByName:
+    """One counter by name, type and action, for at most `max_names` names: the names are
+    labels that whoever creates a container chooses, unbounded, and each would be series."""
+
+    __slots__ = ("_children", "_counter", "_max", "_names")
+
+    def __init__(self, counter: Counter, max_names: int) -> None:
+        self._counter = counter
+        self._max = max_names
+        self._names: set[str] = set()
+        self._children: dict[tuple[str, str, str], Counter] = {}
+
+    def inc(self, name: str, type_: str, action: str) -> None:
+        key = (name, type_, action)
+        child = self._children.get(key)
+        if child is None:
+            names = self._names
+            if name not in names:
+                if len(names) >= self._max or not 0 < len(name) <= MAX_NAME_CHARS:
+                    # Not remembered: the relay's memory stays bounded as well.
+                    key = (OTHER, type_, action)
+                    child = self._children.get(key)
+                else:
+                    names.add(name)
+            if child is None:
+                child = self._children[key] = self._counter.labels(*key)
+        child.inc()
 
 
 class Metrics:
@@ -128,6 +170,23 @@ class Metrics:
             registry=r,
         )
         self._read_children: dict[tuple[str, str], Counter] = {}
+        self.compose_events = Counter(
+            "relay_compose_events",
+            "Events read of the objects of a Compose project, by project, type and action "
+            "(with metrics.context: [compose_project]).",
+            ["project", "type", "action"],
+            registry=r,
+        )
+        self.kubernetes_events = Counter(
+            "relay_kubernetes_events",
+            "Events read of the containers of Kubernetes pods, by namespace, type and action "
+            "(with metrics.context: [k8s_namespace]).",
+            ["namespace", "type", "action"],
+            registry=r,
+        )
+        # Off unless metrics.context asks (count_context): not one series by default.
+        self._by_project: _ByName | None = None
+        self._by_namespace: _ByName | None = None
         # The durable spool (STATE_DIR/spool.db): what each sink still owes, and the disk.
         self.spool_events = Gauge(
             "relay_spool_events",
@@ -180,12 +239,32 @@ class Metrics:
     def _since_last(self) -> float:
         return time.time() - (self._last_event_at or self._started)
 
-    def read(self, type_: str, action: str, reclaimed: int | None) -> None:
+    def count_context(self, kinds: Collection[str], max_names: int) -> None:
+        """Count events per Compose project (`compose_project` in `kinds`) and Kubernetes
+        namespace (`k8s_namespace`), at most `max_names` of each by name (metrics.context)."""
+        self._by_project = (
+            _ByName(self.compose_events, max_names) if "compose_project" in kinds else None
+        )
+        self._by_namespace = (
+            _ByName(self.kubernetes_events, max_names) if "k8s_namespace" in kinds else None
+        )
+
+    def read(
+        self, type_: str, action: str, reclaimed: int | None, context: Context | None = None
+    ) -> None:
         key = (type_, action)
         child = self._read_children.get(key)
         if child is None:
             child = self._read_children[key] = self.events_read.labels(type_, action)
         child.inc()
+        if context is not None:
+            compose, kubernetes = context.compose, context.kubernetes
+            if compose is not None and self._by_project is not None:
+                self._by_project.inc(compose.project, type_, action)
+            if kubernetes is not None and self._by_namespace is not None:
+                namespace = kubernetes.namespace
+                if namespace is not None:
+                    self._by_namespace.inc(namespace, type_, action)
         now = time.time()
         self._last_event_at = now
         self.last_event.set(now)

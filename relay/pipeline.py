@@ -186,7 +186,7 @@ class Pipeline:
                 self.metrics.events_duplicate.inc()
                 continue
             cursor.advance(data.time_nano, ce.id)
-            self.metrics.read(data.type, data.action, data.reclaimed_bytes)
+            self.metrics.read(data.type, data.action, data.reclaimed_bytes, data.context)
             self._emit(Event(ce))
 
     def deliver_to(self, target: Target, event: Event) -> None:

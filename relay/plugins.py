@@ -27,7 +27,7 @@ from pydantic import Field, create_model
 from relay.errors import ConfigError
 from relay.router import RouteFilter
 from relay.settings import Settings, load_settings
-from relay.sink import Sink, SinkConfigBase, SinkContext
+from relay.sink import EventChannel, Sink, SinkConfigBase, SinkContext
 
 ENTRY_POINT_GROUP = "docker_event_relay.sinks"
 DISTRIBUTION = "docker-event-relay"
@@ -77,6 +77,18 @@ def bundled_sink_types() -> dict[str, type[SinkConfigBase]]:
     return {name: config for name, config in sink_types().items() if name in mine}
 
 
+def event_channels() -> dict[str, EventChannel]:
+    """The channels of the bundled sink types that publish to one, by type: what the AsyncAPI
+    document describes (`relay.asyncapi`). Plugins are left out, so the committed document
+    does not depend on what else is installed."""
+    channels: dict[str, EventChannel] = {}
+    for name, config in bundled_sink_types().items():
+        channel = config.event_channel()
+        if channel is not None:
+            channels[name] = channel
+    return channels
+
+
 def sink_config_union() -> Any:
     """The type of one `sinks` entry: the installed config classes, discriminated on `type`."""
     configs = tuple(sink_types().values())
@@ -109,4 +121,10 @@ def build_sinks(settings: Settings) -> list[tuple[Sink, RouteFilter]]:
     """The configured sinks (stdout when none is), each with its route filter."""
     context = SinkContext(relay_id=settings.node_name or socket.gethostname())
     configs: Sequence[SinkConfigBase] = settings.sinks or [sink_types()[DEFAULT_SINK]()]
-    return [(config.build(context), config.filter) for config in configs]
+    default_exec, kept_exec = settings.schema_.exec_command, settings.kept_exec_command()
+    built: list[tuple[Sink, RouteFilter]] = []
+    for config in configs:
+        sink = config.build(context)
+        sink.redaction = config.redact.compile(default_exec, kept_exec)
+        built.append((sink, config.filter))
+    return built

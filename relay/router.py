@@ -8,7 +8,7 @@ from typing import Protocol
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from relay.schema import Event
+from relay.schema import Context, Event
 
 
 class RouteFilter(BaseModel):
@@ -33,6 +33,22 @@ class RouteFilter(BaseModel):
         ge=0,
         description="Only events with reclaimed_bytes (prune events) at or above this.",
     )
+    compose_projects: frozenset[str] = Field(
+        default=frozenset(),
+        description="Compose projects to keep (data.context.compose.project); events without "
+        "one are dropped.",
+    )
+    exclude_compose_projects: frozenset[str] = Field(
+        default=frozenset(), description="Compose projects to drop."
+    )
+    k8s_namespaces: frozenset[str] = Field(
+        default=frozenset(),
+        description="Kubernetes namespaces to keep (data.context.kubernetes.namespace); events "
+        "without one are dropped.",
+    )
+    exclude_k8s_namespaces: frozenset[str] = Field(
+        default=frozenset(), description="Kubernetes namespaces to drop."
+    )
 
     def matches(self, event: Event) -> bool:
         data = event.ce.data
@@ -52,7 +68,27 @@ class RouteFilter(BaseModel):
                 have = labels.get(key)
                 if have is None or (want != "*" and have != want):
                     return False
+        if (
+            self.compose_projects
+            or self.exclude_compose_projects
+            or self.k8s_namespaces
+            or self.exclude_k8s_namespaces
+        ):
+            return self._context_matches(data.context)
         return True
+
+    def _context_matches(self, context: Context | None) -> bool:
+        compose = None if context is None else context.compose
+        project = None if compose is None else compose.project
+        if self.compose_projects and project not in self.compose_projects:
+            return False
+        if project is not None and project in self.exclude_compose_projects:
+            return False
+        kubernetes = None if context is None else context.kubernetes
+        namespace = None if kubernetes is None else kubernetes.namespace
+        if self.k8s_namespaces and namespace not in self.k8s_namespaces:
+            return False
+        return namespace is None or namespace not in self.exclude_k8s_namespaces
 
     @property
     def is_catch_all(self) -> bool:

@@ -7,7 +7,7 @@ Within major version 1, changes are additive only.
 
 from __future__ import annotations
 
-from typing import Any, Final, Literal
+from typing import Annotated, Any, Final, Literal
 
 import msgspec
 
@@ -40,6 +40,66 @@ class Engine(msgspec.Struct, frozen=True, omit_defaults=True, kw_only=True, gc=F
     node_name: str | None = None
 
 
+# The largest Compose container number carried as `number`: a label of more digits is no
+# number Compose wrote, and every value up to it is exact in any JSON reader.
+MAX_COMPOSE_NUMBER: Final = 999_999_999
+
+
+class Compose(msgspec.Struct, frozen=True, omit_defaults=True, kw_only=True, gc=False):
+    """Docker Compose's labels on the object (`com.docker.compose.*`): present when the
+    `com.docker.compose.project` label is. Values are the labels' text, exactly as set, except
+    `number` and `oneoff`; `data.actor.labels` keeps every label as it is."""
+
+    project: Annotated[str, msgspec.Meta(description="com.docker.compose.project")]
+    service: Annotated[
+        str | None, msgspec.Meta(description="com.docker.compose.service; absent without it.")
+    ] = None
+    number: (
+        Annotated[
+            int,
+            msgspec.Meta(
+                ge=0,
+                le=MAX_COMPOSE_NUMBER,
+                description="com.docker.compose.container-number as an integer; absent "
+                "without the label or when it is not 1 to 9 ASCII digits (the label keeps the "
+                "text).",
+            ),
+        ]
+        | None
+    ) = None
+    oneoff: Annotated[
+        bool | None,
+        msgspec.Meta(
+            description="com.docker.compose.oneoff (true for `docker compose run`): True/true "
+            "or False/false; absent without the label or with any other value."
+        ),
+    ] = None
+
+
+class Kubernetes(msgspec.Struct, frozen=True, omit_defaults=True, kw_only=True, gc=False):
+    """The kubelet's labels on a pod's container (nodes running Docker through cri-dockerd or
+    dockershim): present when the `io.kubernetes.pod.name` label is. Values are the labels'
+    text, exactly as set; a pod's sandbox (pause) container has the container `POD`."""
+
+    namespace: Annotated[
+        str | None,
+        msgspec.Meta(description="io.kubernetes.pod.namespace; absent without it."),
+    ] = None
+    pod: Annotated[str, msgspec.Meta(description="io.kubernetes.pod.name")]
+    container: Annotated[
+        str | None,
+        msgspec.Meta(description="io.kubernetes.container.name; absent without it."),
+    ] = None
+
+
+class Context(msgspec.Struct, frozen=True, omit_defaults=True, kw_only=True, gc=False):
+    """Where the object belongs, read from the labels its orchestrator sets on it; each part
+    only when its labels are there."""
+
+    compose: Compose | None = None
+    kubernetes: Kubernetes | None = None
+
+
 class EventData(msgspec.Struct, frozen=True, omit_defaults=True, kw_only=True, gc=False):
     """Normalized engine event (the CloudEvent's `data`), schema version 1."""
 
@@ -52,6 +112,9 @@ class EventData(msgspec.Struct, frozen=True, omit_defaults=True, kw_only=True, g
     actor: Actor
     reclaimed_bytes: int | None = None
     engine: Engine
+    # Last, and absent unless the actor carries Compose or Kubernetes labels: every other event
+    # encodes exactly as before the field existed.
+    context: Context | None = None
 
 
 class CloudEvent(msgspec.Struct, frozen=True, omit_defaults=True, kw_only=True, gc=False):

@@ -26,6 +26,7 @@ from pydantic_settings import (
 
 from relay.errors import ConfigError
 from relay.normalize import ExecCommandMode
+from relay.redact import most_kept
 from relay.schema import DEFAULT_TYPE_PREFIX
 from relay.sink import SinkConfigBase
 
@@ -204,8 +205,9 @@ class SchemaSettings(_Section):
     )
     exec_command: ExecCommandMode = Field(
         default="program",
-        description="What of an exec_create/exec_start command line to keep in action_detail: "
-        "full, program (the first word; arguments can carry secrets) or none.",
+        description="What of an exec_create/exec_start command line a sink receives in "
+        "action_detail, unless its redact.exec_command says otherwise: full, program (the "
+        "first word; arguments can carry secrets) or none.",
     )
 
 
@@ -234,6 +236,27 @@ class HttpSettings(_Section):
         return value
 
 
+ContextMetric = Literal["compose_project", "k8s_namespace"]
+
+
+class MetricsSettings(_Section):
+    context: frozenset[ContextMetric] = Field(
+        default=frozenset(),
+        description="Count events per Compose project (compose_project: "
+        "relay_compose_events_total) and per Kubernetes namespace (k8s_namespace: "
+        "relay_kubernetes_events_total). Off by default: the values are labels that whoever "
+        "creates a container chooses, and each one is a set of series.",
+    )
+    context_max_values: int = Field(
+        default=100,
+        ge=1,
+        le=10_000,
+        description="Projects (and namespaces) counted by name; events of any further one, or "
+        "of a name longer than 253 characters, are counted under _other (no Compose project or "
+        "namespace can be called that).",
+    )
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix="RELAY_",
@@ -252,6 +275,7 @@ class Settings(BaseSettings):
     schema_: SchemaSettings = Field(default_factory=SchemaSettings, alias="schema")
     log: LogSettings = Field(default_factory=LogSettings)
     http: HttpSettings = Field(default_factory=HttpSettings)
+    metrics: MetricsSettings = Field(default_factory=MetricsSettings)
     state_dir: Path = Field(
         default=Path("/var/lib/docker-event-relay"),
         description="Where the spool lives (spool.db: the events each sink still owes, and "
@@ -300,6 +324,13 @@ class Settings(BaseSettings):
                     "dead_letter_path", f"{self.dead_letter_path} is a directory, not a file"
                 )
             _writable_dir(self.dead_letter_path.parent, "dead_letter_path")
+
+    def kept_exec_command(self) -> ExecCommandMode:
+        """What the normalizer keeps of an exec command line: the most any sink receives
+        (each sink's redact.exec_command, else schema.exec_command), so that the spool holds
+        no more than some sink needs."""
+        default = self.schema_.exec_command
+        return most_kept([s.redact.exec_command or default for s in self.sinks] or [default])
 
     @property
     def dead_letter_file(self) -> Path:

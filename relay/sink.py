@@ -8,9 +8,13 @@ An adapter (`sinks/`, or a third-party package registered under the entry-point 
     send(batch)  one attempt to deliver the batch in order; return once it is acknowledged
     aclose()     release the connection
 
+A config may also say where its sink publishes (`event_channel()`, an `EventChannel`): the
+AsyncAPI document (`relay.asyncapi`) describes the bundled sinks that do.
+
 Everything else is shared and lives in the core: retries (one policy, `relay.retry`),
-dead-lettering, metrics, shutdown, and the lifecycle below, which this base class enforces
-around the adapter's three methods so that no adapter keeps lifecycle state of its own:
+dead-lettering, metrics, shutdown, redaction (`redact:` on every sink's config; `send` is
+handed the redacted copies, `relay.redact`), and the lifecycle below, which this base class
+enforces around the adapter's three methods so that no adapter keeps lifecycle state of its own:
 
     NEW --start()--> STARTED --aclose()--> CLOSED (final)
 
@@ -60,6 +64,7 @@ from relay.names import (
     mqtt_topic_level,
     unescape,
 )
+from relay.redact import Redaction, RedactSettings
 from relay.router import RouteFilter
 from relay.schema import Event
 from relay.template import EVENT_FIELDS, Template, require_fixed_start
@@ -71,6 +76,7 @@ __all__ = [
     "MQTT_LEVEL_MAX_BYTES",
     "MQTT_TOPIC_MAX_BYTES",
     "Event",
+    "EventChannel",
     "PartialDeliveryError",
     "PermanentSinkError",
     "RejectedSinkError",
@@ -104,6 +110,44 @@ class SinkContext:
     """Stable name of this relay instance: the node name, else the host name."""
 
 
+@dataclass(frozen=True, kw_only=True)
+class EventChannel:
+    """Where and how a sink type publishes events, for the AsyncAPI document
+    (`docker-event-relay asyncapi`, `relay.asyncapi`). The adapter says what only it knows: its
+    protocol, its default destination and how its binding carries a CloudEvent; the core adds
+    the CloudEvents messages, the template fields and the v1 event schema. The AsyncAPI objects
+    (`server`, the bindings) go into the document as they are."""
+
+    title: str
+    protocol: str
+    """The AsyncAPI protocol name (kafka, mqtt, http)."""
+    server: Mapping[str, Any]
+    """An AsyncAPI Server Object: the destination the sink's settings name."""
+    address: str | None
+    """The default destination template over EVENT_FIELDS (a topic); None when the sink has
+    no template (a webhook's URL)."""
+    description: str
+    """Which settings pick the destination and how field values are made safe in it."""
+    modes: tuple[str, ...]
+    """CloudEvents content modes offered: binary, structured, batch."""
+    default_mode: str
+    mode_setting: str
+    attribute_header: str
+    """Binary mode: the header (property) of a context attribute, `{name}` its name."""
+    attribute_escape: str
+    """Binary mode: how an attribute's value is escaped in its header."""
+    content_type_header: str | None
+    """The header carrying the content type; None where the protocol has a field for it."""
+    structured_content_type: str
+    batch_content_type: str | None = None
+    extra_headers: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+    """Other headers the sink may send (name -> JSON Schema), none of them required."""
+    channel_bindings: Mapping[str, Any] = field(default_factory=dict)
+    operation_bindings: Mapping[str, Any] = field(default_factory=dict)
+    message_bindings: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+    """AsyncAPI message bindings by content mode."""
+
+
 class SinkConfigBase(BaseModel):
     """Settings every sink has. Subclasses add `type: Literal[...]`, their own fields, and
     `build()`."""
@@ -117,6 +161,10 @@ class SinkConfigBase(BaseModel):
         default_factory=RouteFilter, description="Which events this sink receives."
     )
     max_batch: int = Field(default=100, ge=1, description="Events handed to one send call.")
+    redact: RedactSettings = Field(
+        default_factory=RedactSettings,
+        description="What this sink must not receive (see Redaction); empty: nothing is taken out.",
+    )
 
     @property
     def sink_name(self) -> str:
@@ -124,6 +172,12 @@ class SinkConfigBase(BaseModel):
 
     def build(self, context: SinkContext) -> Sink:
         raise NotImplementedError(f"{type(self).__name__}.build")
+
+    @classmethod
+    def event_channel(cls) -> EventChannel | None:
+        """The channel this sink type publishes to with its default settings, for the AsyncAPI
+        document; None: it publishes to none (stdout)."""
+        return None
 
 
 class SinkState(enum.Enum):
@@ -156,6 +210,11 @@ def _guard_send(send: _Method) -> _Method:
             if self._state is SinkState.CLOSED:
                 raise PermanentSinkError("send after close: the sink is closed", sink=self.name)
             raise RetryableSinkError("send before start: the sink is not started", sink=self.name)
+        redaction = self.redaction
+        # Only the send the relay calls redacts: a subclass's send calling super().send()
+        # must not hash a hash.
+        if redaction is not None and type(self).send is guarded:
+            batch = redaction.batch(batch)
         await send(self, batch)
 
     return guarded
@@ -209,6 +268,8 @@ class Sink(abc.ABC):
         self.log = logging.getLogger(f"relay.sink.{name}")
         self._state = SinkState.NEW
         self._closing = False
+        # Set by the composition root from the sink's `redact:`; None: events as they are.
+        self.redaction: Redaction | None = None
 
     @property
     def state(self) -> SinkState:

@@ -11,7 +11,18 @@ import string
 from collections.abc import Callable, Mapping
 from typing import Final
 
-from relay.schema import Event
+from relay.schema import Context, Event
+
+# From `data.context`: "" when the event has none (an MQTT topic level shows "-").
+CONTEXT_FIELDS: Final = (
+    "compose_project",
+    "compose_service",
+    "compose_number",
+    "k8s_namespace",
+    "k8s_pod",
+    "k8s_container",
+)
+_NO_CONTEXT: Final = dict.fromkeys(CONTEXT_FIELDS, "")
 
 EVENT_FIELDS: Final = frozenset(
     {
@@ -26,6 +37,7 @@ EVENT_FIELDS: Final = frozenset(
         "id",
         "source",
         "subject",
+        *CONTEXT_FIELDS,
     }
 )
 
@@ -47,7 +59,29 @@ def event_fields(event: Event, fields: frozenset[str] = EVENT_FIELDS) -> dict[st
         "source": ce.source,
         "subject": ce.subject or "",
     }
-    return values if fields is EVENT_FIELDS else {f: values[f] for f in fields}
+    context = data.context
+    if context is not None:
+        values.update(_context_fields(context))
+    elif fields is EVENT_FIELDS:
+        values.update(_NO_CONTEXT)
+    # Most events have no context: its fields are "" without being written out first.
+    return values if fields is EVENT_FIELDS else {f: values.get(f, "") for f in fields}
+
+
+def _context_fields(context: Context) -> dict[str, str]:
+    values = dict(_NO_CONTEXT)
+    compose = context.compose
+    if compose is not None:
+        values["compose_project"] = compose.project
+        values["compose_service"] = compose.service or ""
+        if compose.number is not None:
+            values["compose_number"] = str(compose.number)
+    kubernetes = context.kubernetes
+    if kubernetes is not None:
+        values["k8s_namespace"] = kubernetes.namespace or ""
+        values["k8s_pod"] = kubernetes.pod
+        values["k8s_container"] = kubernetes.container or ""
+    return values
 
 
 class Template:

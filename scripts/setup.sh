@@ -8,7 +8,9 @@
 #   * the project's virtualenv in .venv with the [test,bench] extras (ships tansu and the
 #     local S3 tansu keeps data in), and the example sink plugin (examples/sink-plugin);
 #   * Debian forky's Docker Engine 28.5 unpacked under .cache/engines/forky/ without
-#     touching the system's apt state (DESIGN.md section 5).
+#     touching the system's apt state (DESIGN.md section 5);
+#   * the AsyncAPI parser (npm @asyncapi/parser, pinned) under .cache/asyncapi/, which the
+#     tests run with Node to validate schemas/asyncapi.yaml.
 # It needs no running service and starts none.
 set -euo pipefail
 
@@ -153,6 +155,37 @@ else
         *" 28.5."*) log "cached $version" ;;
         *) log "WARNING: forky now carries '$version', the tests expect 28.5 (API 1.51)" ;;
     esac
+fi
+
+# --- 4. The AsyncAPI parser ----------------------------------------------------------------
+# The reference parser the AsyncAPI tools are built on, so the tests check schemas/asyncapi.yaml
+# as those tools read it (tests/asyncapi/validate.mjs). Pinned; its own dependencies as npm
+# resolves them within the parser's ranges. --ignore-scripts: no install script runs (one
+# dependency's only reports usage analytics).
+ASYNCAPI_PARSER_VERSION=3.6.6
+ASYNCAPI="$REPO/.cache/asyncapi"
+
+asyncapi_ok() {
+    [[ "$(node -p 'require(process.argv[1]).version' \
+        "$ASYNCAPI/node_modules/@asyncapi/parser/package.json" 2>/dev/null)" == \
+        "$ASYNCAPI_PARSER_VERSION" ]]
+}
+
+if ! command -v npm >/dev/null; then
+    log "installing nodejs and npm"
+    apt-get update
+    DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends nodejs npm
+fi
+if asyncapi_ok; then
+    log "@asyncapi/parser $ASYNCAPI_PARSER_VERSION already installed"
+else
+    log "npm install @asyncapi/parser@$ASYNCAPI_PARSER_VERSION into $ASYNCAPI"
+    rm -rf "$ASYNCAPI"
+    mkdir -p "$ASYNCAPI"
+    printf '{"name": "asyncapi-validate", "private": true}\n' >"$ASYNCAPI/package.json"
+    npm install --prefix "$ASYNCAPI" --ignore-scripts --no-audit --no-fund --omit=dev \
+        --loglevel=error "@asyncapi/parser@$ASYNCAPI_PARSER_VERSION"
+    asyncapi_ok || { log "@asyncapi/parser installed but does not load"; exit 1; }
 fi
 
 log "done"

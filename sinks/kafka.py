@@ -41,6 +41,7 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, m
 from relay.sink import (
     KAFKA_TOPIC_MAX,
     Event,
+    EventChannel,
     PermanentSinkError,
     RejectedSinkError,
     RetryableSinkError,
@@ -302,6 +303,48 @@ class KafkaSinkConfig(SinkConfigBase):
 
     def build(self, context: SinkContext) -> Sink:
         return KafkaSink(self, context)
+
+    @classmethod
+    def event_channel(cls) -> EventChannel:
+        fields = cls.model_fields
+        key = {
+            "type": "string",
+            "description": f"The record key: the `key` template (default `{fields['key'].default}`"
+            "), so one actor's events share a partition, in order; absent when `key` is empty.",
+        }
+        return EventChannel(
+            title="Kafka sink",
+            protocol="kafka",
+            server={
+                "host": "{bootstrap_server}",
+                "protocol": "kafka",
+                "description": "The brokers of the sink's `bootstrap_servers`; with `tls` the "
+                "connection is TLS (kafka-secure), with `sasl` it authenticates.",
+                "variables": {
+                    "bootstrap_server": {
+                        "description": "host:port of one of `bootstrap_servers`.",
+                        "examples": ["localhost:9092"],
+                    }
+                },
+            },
+            address=fields["topic"].default,
+            description="The topic is the sink's `topic` template (default "
+            f"`{fields['topic'].default}`) over the event fields. A field's value keeps only "
+            "a-z A-Z 0-9 . _ - (others become `_`); a topic over 249 characters is cut and "
+            "ends in a hash.",
+            modes=("binary", "structured"),
+            default_mode=fields["content_mode"].default,
+            mode_setting="content_mode",
+            attribute_header="ce_{name}",
+            attribute_escape="UTF-8, with control characters, noncharacters, lone surrogates "
+            "and `%` percent-encoded",
+            content_type_header="content-type",
+            structured_content_type=STRUCTURED_CONTENT_TYPE.decode(),
+            message_bindings={
+                mode: {"kafka": {"key": key, "bindingVersion": "0.5.0"}}
+                for mode in ("binary", "structured")
+            },
+        )
 
 
 # --- the sink -----------------------------------------------------------------------------

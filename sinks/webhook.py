@@ -34,6 +34,7 @@ from pydantic import AnyHttpUrl, Field, SecretStr, field_validator, model_valida
 
 from relay.sink import (
     Event,
+    EventChannel,
     PermanentSinkError,
     RejectedSinkError,
     RetryableSinkError,
@@ -181,6 +182,46 @@ class WebhookSinkConfig(SinkConfigBase):
 
     def build(self, context: SinkContext) -> Sink:
         return WebhookSink(self.sink_name, self)
+
+    @classmethod
+    def event_channel(cls) -> EventChannel:
+        fields = cls.model_fields
+        signature = {
+            "type": "string",
+            "description": "With `secret` set: `t=<unix seconds>,v1=<hex HMAC-SHA256 of "
+            "'<t>.' + body>`; the header's name is `signature_header`.",
+        }
+        return EventChannel(
+            title="Webhook sink",
+            protocol="http",
+            server={
+                "host": "{host}",
+                "pathname": "{path}",
+                "protocol": "http",
+                "description": "The receiver at the sink's `url` (https for an https:// URL, "
+                "with `tls` for its CA and a client certificate).",
+                "variables": {
+                    "host": {"description": "host[:port] of `url`."},
+                    "path": {"description": "The path (and query) of `url`."},
+                },
+            },
+            address=None,
+            description="Each request goes to the sink's `url`; a 2xx answer acknowledges it. "
+            "`Authorization: Bearer` with `bearer_token`, and any `headers`, go with it.",
+            modes=("binary", "structured", "batch"),
+            default_mode=fields["mode"].default,
+            mode_setting="mode",
+            attribute_header="ce-{name}",
+            attribute_escape="the CloudEvents HTTP binding's percent-encoding (everything "
+            'outside printable ASCII, and space, `"`, `%`)',
+            content_type_header="Content-Type",
+            structured_content_type=STRUCTURED_CONTENT_TYPE,
+            batch_content_type=BATCH_CONTENT_TYPE,
+            extra_headers={fields["signature_header"].default: signature},
+            operation_bindings={
+                "http": {"method": fields["method"].default, "bindingVersion": "0.3.0"}
+            },
+        )
 
 
 # -- pure helpers (unit-tested) ------------------------------------------------------------

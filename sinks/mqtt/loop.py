@@ -1,8 +1,9 @@
 """paho-mqtt driven by the asyncio event loop, instead of by paho's own network thread.
 
 paho does the MQTT protocol; this adapter gives it the loop's socket readiness: a reader on the
-socket calls `loop_read`, a writer (registered only while paho has bytes queued) `loop_write`,
-and a timer `loop_misc` (keepalive pings and their timeout). Only the blocking connect (DNS,
+socket calls `loop_read`, a writer (registered only while paho has bytes queued that `flush`
+could not write at once) `loop_write`, and a timer `loop_misc` (keepalive pings and their
+timeout). Only the blocking connect (DNS,
 TCP, the TLS handshake) runs in a thread.
 
 Two socket options matter for a relay that waits for the PUBACKs of each batch:
@@ -145,7 +146,26 @@ class LoopAdapter:
             loop.call_soon_threadsafe(loop.remove_writer, fileno)
 
     def _on_socket_register_write(self, client: mqtt.Client, userdata: Any, sock: Any) -> None:
-        self._call_in_loop(self._add_writer, sock)
+        self._call_in_loop(self._want_writer, sock)
+
+    def _want_writer(self, sock: Any) -> None:
+        # paho asks for a writer for every packet it queues. The sink writes a batch's packets
+        # itself right after queueing them (`flush`), which nearly always empties paho's queue:
+        # the writer is added only if bytes are still waiting when this runs, which saves two
+        # epoll_ctl calls and a pass of the loop per batch.
+        assert self._loop is not None
+        self._loop.call_soon(self._add_writer_if_needed, sock)
+
+    def _add_writer_if_needed(self, sock: Any) -> None:
+        if self.client.want_write():
+            self._add_writer(sock)
+
+    def flush(self) -> None:
+        """Write what paho has queued now, on the loop's thread; what the socket does not take
+        at once is written when it becomes writable."""
+        client = self.client
+        if client.want_write():
+            client.loop_write()
 
     def _add_writer(self, sock: Any) -> None:
         assert self._loop is not None

@@ -41,6 +41,7 @@ from relay.sink import (
     MQTT_LEVEL_MAX_BYTES,
     MQTT_TOPIC_MAX_BYTES,
     Event,
+    EventChannel,
     PermanentSinkError,
     RejectedSinkError,
     RetryableSinkError,
@@ -231,6 +232,62 @@ class MqttSinkConfig(SinkConfigBase):
     def build(self, context: SinkContext) -> Sink:
         return MqttSink(self, context)
 
+    @classmethod
+    def event_channel(cls) -> EventChannel:
+        fields = cls.model_fields
+        # The will and the keepalive are the defaults of the sink's settings.
+        session = {
+            "cleanSession": not fields["persistent_session"].default,
+            "keepAlive": fields["keepalive"].default,
+            "sessionExpiryInterval": fields["session_expiry"].default,
+            "lastWill": {
+                "topic": fields["status_topic"].default,
+                "qos": 1,
+                "message": "offline",
+                "retain": True,
+            },
+            "bindingVersion": "0.2.0",
+        }
+        return EventChannel(
+            title="MQTT sink",
+            protocol="mqtt",
+            server={
+                "host": "{host}:{port}",
+                "protocol": "mqtt",
+                "protocolVersion": fields["protocol"].default,
+                "description": "The broker of the sink's `host` and `port`, MQTT 5 (`protocol: "
+                "3.1.1` publishes structured events only). The relay publishes a retained "
+                "`online` on `status_topic` after each connect and `offline` on a clean close; "
+                "its will is a retained `offline` there.",
+                "variables": {
+                    "host": {"default": fields["host"].default},
+                    "port": {"default": "1883", "description": "8883 with `tls`."},
+                },
+                "bindings": {"mqtt": session},
+            },
+            address=fields["topic"].default,
+            description="The topic is the sink's `topic` template (default "
+            f"`{fields['topic'].default}`) over the event fields. Each field fills exactly one "
+            "topic level: `/`, `+`, `#` become `_`, control characters `%XX`, a leading `$` "
+            "`%24`, an empty value `-`. The content type is the PUBLISH Content Type "
+            "property.",
+            modes=("binary", "structured"),
+            default_mode="binary",
+            mode_setting="mode",
+            attribute_header="{name}",
+            attribute_escape="a user property, with control characters, noncharacters, lone "
+            "surrogates and `%` percent-encoded",
+            content_type_header=None,
+            structured_content_type=STRUCTURED_CONTENT_TYPE,
+            operation_bindings={
+                "mqtt": {
+                    "qos": fields["qos"].default,
+                    "retain": fields["retain"].default,
+                    "bindingVersion": "0.2.0",
+                }
+            },
+        )
+
 
 # -- the sink ----------------------------------------------------------------------------------
 
@@ -316,6 +373,8 @@ class MqttSink(Sink):
                     failures[index] = exc
                     continue
             waits[index] = fut
+        if self._io is not None:
+            self._io.flush()
         await self._wait_acks(list(waits.values()), lost)
         for index, fut in waits.items():
             code = fut.result() if fut.done() else None
