@@ -27,6 +27,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from tests.harness import async_wait_for, free_port
 from tests.harness.fake_engine import FakeEngine
+from tests.integration.test_ops import get, spawn_relay
 
 REPO = Path(__file__).resolve().parents[2]
 MiB = 1024 * 1024
@@ -79,16 +80,9 @@ class RelayProcess:
         return [json.loads(line) for line in done.stdout.splitlines() if line.strip()]
 
 
-async def http_get(port: int, path: str, timeout: float = 10) -> tuple[int, str]:  # noqa: ASYNC109
-    client_timeout = aiohttp.ClientTimeout(total=timeout)
-    async with aiohttp.ClientSession(timeout=client_timeout) as session:
-        async with session.get(f"http://127.0.0.1:{port}{path}") as response:
-            return response.status, await response.text()
-
-
 async def scrape(port: int) -> dict[str, float]:
     """Series without labels by name; labelled ones as name{k="v",...}."""
-    status, text = await http_get(port, "/metrics")
+    status, text = await get(port, "/metrics", timeout=10)
     assert status == 200, text
     samples: dict[str, float] = {}
     for family in text_string_to_metric_families(text):
@@ -96,18 +90,6 @@ async def scrape(port: int) -> dict[str, float]:
             labels = ",".join(f'{k}="{v}"' for k, v in sorted(s.labels.items()))
             samples[f"{s.name}{{{labels}}}" if labels else s.name] = s.value
     return samples
-
-
-def spawn(env: dict[str, str], stdout: Path, stderr: Path) -> subprocess.Popen[bytes]:
-    with stdout.open("wb") as out, stderr.open("wb") as err:
-        return subprocess.Popen(
-            [sys.executable, "-m", "relay", "run"],
-            cwd=REPO,
-            env=env,
-            stdin=subprocess.DEVNULL,
-            stdout=out,
-            stderr=err,
-        )
 
 
 @contextlib.asynccontextmanager
@@ -123,14 +105,14 @@ async def relay_process(engine: FakeEngine, workdir: Path) -> AsyncIterator[Rela
         RELAY_HTTP__PORT=str(port),
     )
     stdout_path, stderr_path = workdir / "relay.stdout", workdir / "relay.stderr"
-    proc = spawn(env, stdout_path, stderr_path)
+    proc = spawn_relay(env, stdout_path, stderr_path)
     relay = RelayProcess(proc, port, env, stdout_path, stderr_path)
     try:
 
         async def ready() -> bool:
             assert proc.poll() is None, f"relay exited {proc.returncode}: {relay.stderr()}"
             try:
-                return (await http_get(port, "/readyz"))[0] == 200
+                return (await get(port, "/readyz", timeout=10))[0] == 200
             except aiohttp.ClientError:
                 return False
 
@@ -159,7 +141,7 @@ class ReadyWatch:
     async def run(self) -> None:
         while True:
             try:
-                status, body = await http_get(self.port, "/readyz")
+                status, body = await get(self.port, "/readyz", timeout=10)
             except (aiohttp.ClientError, TimeoutError) as exc:
                 status, body = 0, f"{type(exc).__name__}: {exc}"
             self.answers += 1
@@ -276,7 +258,7 @@ async def test_hostile_lines_never_crash_nor_wedge_the_relay(
             chunks = list(huge_line_chunks())
             await engine.write_all(chunks[:-1])
             # Mid-line (100 MiB written, no newline yet): still ready, nothing counted yet.
-            mid_line = await http_get(relay.port, "/readyz")
+            mid_line = await get(relay.port, "/readyz", timeout=10)
             mid_metrics = await scrape(relay.port)
             bad.append((HUGE_PREFIX + b"x" * OVERSIZED_HEAD_BYTES)[:OVERSIZED_HEAD_BYTES])
             await then_ordinary("d", chunks[-1] + b"\n")
@@ -309,7 +291,7 @@ async def test_hostile_lines_never_crash_nor_wedge_the_relay(
             watcher.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await watcher
-            final_ready = await http_get(relay.port, "/readyz")
+            final_ready = await get(relay.port, "/readyz", timeout=10)
 
     print(
         f"\n100 MiB line without a newline: {elapsed:.2f}s until the events after it were "

@@ -61,8 +61,9 @@ class Scrape:
         return {ls: v for (n, ls), v in self.samples.items() if n == name}
 
 
-async def get(port: int, path: str) -> tuple[int, str]:
-    async with aiohttp.ClientSession() as session:
+async def get(port: int, path: str, timeout: float | None = None) -> tuple[int, str]:  # noqa: ASYNC109
+    client_timeout = aiohttp.ClientTimeout(total=timeout)
+    async with aiohttp.ClientSession(timeout=client_timeout) as session:
         async with session.get(f"http://127.0.0.1:{port}{path}") as response:
             return response.status, await response.text()
 
