@@ -70,6 +70,33 @@ async def main():
 asyncio.run(main())
 """
 
+# The import floor: a Python that imports what the relay with all three sinks loads (the core,
+# the adapters and their client libraries) and does nothing. Idle RSS is compared with it.
+IMPORT_FLOOR = """
+import sys
+import relay.app, relay.cli, relay.plugins
+import sinks.kafka, sinks.mqtt, sinks.webhook, sinks.stdout
+import aiokafka, aiohttp, aiodocker, paho.mqtt.client
+print("ready", flush=True)
+sys.stdin.read()
+"""
+
+
+def import_floor_mb() -> float:
+    proc = subprocess.Popen(
+        [sys.executable, "-c", IMPORT_FLOOR],
+        cwd=REPO,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert proc.stdout is not None and proc.stdout.readline().strip() == "ready"
+        return memory_mb(proc.pid)[0]
+    finally:
+        proc.kill()
+        proc.wait()
+
 
 def cpu_seconds(pid: int) -> float:
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
@@ -189,7 +216,9 @@ def main() -> None:
                 f"{args.rate:g} events/s, kafka+mqtt+webhook": [],
             }
             rates: list[float] = []
+            floors: list[float] = []
             for run in range(args.runs):
+                floors.append(import_floor_mb())
                 devnull_sink = [{"type": "stdout", "name": "stdout"}]
                 relay = RelayProcess(engine, devnull_sink, tmp / f"s{run}a")
                 time.sleep(3)  # settle after start-up before the window opens
@@ -248,6 +277,12 @@ def main() -> None:
         rss = statistics.median(v[1] for v in values)
         hwm = statistics.median(v[2] for v in values)
         print(f"{case:<42} {cpu:>16.2f} {rss:>8.1f} {hwm:>12.1f}")
+    floor_mb = statistics.median(floors)
+    idle_mb = statistics.median(v[1] for v in results["idle, kafka+mqtt+webhook"])
+    print(
+        f"import floor (core, adapters, client libraries imported; nothing running): "
+        f"{floor_mb:.1f} MB; idle kafka+mqtt+webhook is {idle_mb - floor_mb:+.1f} MB above it"
+    )
     print(f"measured event rate read under load: median {statistics.median(rates):.0f} events/s")
 
 

@@ -92,9 +92,10 @@ def metric(port: int, name: str) -> float:
     return 0.0
 
 
-def process_run(count: int, port: int, rate: float = 0.0) -> tuple[float, float, float]:
-    """(events/s end to end, RSS MB once connected, RSS MB after `count` events); the
-    stand-in engine sends at `rate` events/s (0: as fast as the relay reads)."""
+def process_run(count: int, port: int, rate: float = 0.0) -> tuple[float, float, float, float]:
+    """(events/s end to end, RSS MB once connected, RSS MB after `count` events, events/s
+    from the first delivery on); the stand-in engine sends at `rate` events/s (0: as fast as
+    the relay reads)."""
     with tempfile.TemporaryDirectory() as tmp:
         sock = f"{tmp}/engine.sock"
         engine = subprocess.Popen(
@@ -119,6 +120,7 @@ def process_run(count: int, port: int, rate: float = 0.0) -> tuple[float, float,
             stderr=subprocess.DEVNULL,
         )
         rss_start = 0.0
+        first: tuple[float, float] | None = None
         try:
             while True:
                 try:
@@ -127,19 +129,24 @@ def process_run(count: int, port: int, rate: float = 0.0) -> tuple[float, float,
                     delivered = 0
                 if not rss_start and delivered:
                     rss_start = rss_kb(relay.pid) / 1024
+                if first is None and delivered:
+                    first = (time.perf_counter(), delivered)
                 if delivered >= count:
                     break
                 if time.perf_counter() - started > 300:
                     raise SystemExit("relay did not deliver in 300 s")
                 time.sleep(0.02)
-            elapsed = time.perf_counter() - started
+            ended = time.perf_counter()
+            elapsed = ended - started
+            assert first is not None
+            steady = (count - first[1]) / max(ended - first[0], 1e-9)
             rss_after = rss_kb(relay.pid) / 1024
         finally:
             relay.terminate()
             relay.wait(30)
             engine.terminate()
             engine.wait(10)
-    return count / elapsed, rss_start, rss_after
+    return count / elapsed, rss_start, rss_after, steady
 
 
 def main() -> None:
@@ -157,14 +164,15 @@ def main() -> None:
     lines_nl = recorded_stream(args.events)
     lines = [line.rstrip(b"\n") for line in lines_nl]
     stream = b"".join(lines_nl)
-    floors, relays, procs, rsss, paced_start, paced_rss = [], [], [], [], [], []
+    floors, relays, procs, steadies, rsss, paced_start, paced_rss = [], [], [], [], [], [], []
     for _ in range(args.runs):
         floors.append(floor(lines))
         relays.append(relay_path(stream, args.events))
-        rate, _, rss = process_run(args.events, args.port)
+        rate, _, rss, steady = process_run(args.events, args.port)
         procs.append(rate)
+        steadies.append(steady)
         rsss.append(rss)
-        _, start, after = process_run(args.events, args.port, args.paced_rate)
+        _, start, after, _ = process_run(args.events, args.port, args.paced_rate)
         paced_start.append(start)
         paced_rss.append(after)
     med = statistics.median
@@ -185,6 +193,10 @@ def main() -> None:
     print(
         f"process end to end (stdout sink)   : {med(procs):>10,.0f} events/s "
         f"({min(procs):,.0f}-{max(procs):,.0f}), includes start-up"
+    )
+    print(
+        f"process from the first delivery on  : {med(steadies):>10,.0f} events/s "
+        f"({min(steadies):,.0f}-{max(steadies):,.0f}), start-up excluded"
     )
     print(
         f"process RSS after {args.events:,} flooded events: {med(rsss):.1f} MB "

@@ -241,7 +241,8 @@ class SinkWorker:
         self.last_error: str | None = None
         self._delivered = metrics.events_delivered.labels(self.name)
         self._latency = metrics.delivery_latency.labels(self.name)
-        self._depth = metrics.outbox_depth.labels(self.name)
+        # Read at scrape time: a gauge set per event cost more than the put itself.
+        metrics.outbox_depth.labels(self.name).set_function(lambda: len(self.outbox))
         self._up = metrics.sink_up.labels(self.name)
         metrics.sink_stopped.labels(self.name).set(0)
         self._up.set(0)
@@ -302,7 +303,6 @@ class SinkWorker:
         if self._oldest is None:
             self._oldest = event.time_nano
         self.outbox.put(event)
-        self._depth.set(len(self.outbox))
 
     def _room_for(self, size: int) -> bool:
         return (
@@ -340,7 +340,6 @@ class SinkWorker:
             batch = await self.outbox.get_batch(self.sink.max_batch, self.sink.linger)
             if not batch:
                 return
-            self._depth.set(len(self.outbox))
             if self.stopped_reason is not None:
                 self._dead_letter(batch, "sink_stopped", self.stopped_reason)
                 continue
@@ -574,7 +573,6 @@ class SinkWorker:
                 reason,
             )
             self._dead_letter(self.outbox.take_all(), "sink_stopped", reason)
-            self._depth.set(0)
             # What waits on disk is dead-lettered as the worker reads it back.
 
 

@@ -333,28 +333,39 @@ class Spool:
         self._acks.append((bit, seq))
         self._changed.set()
 
-    def held(self, bit: int, after: int) -> list[Event]:
-        """Uncommitted events the sink of `bit` owes, from seq `after` on (for `load`)."""
-        return [
-            h.event
-            for part in (self._committing, self._pending)
-            for s, h in part.items()
-            if s >= after and h.owed & bit
-        ]
+    def held(self, bit: int, after: int, limit: int | None = None) -> list[Event]:
+        """Uncommitted events the sink of `bit` owes, from seq `after` on, in order, at most
+        `limit` (for `load`)."""
+        out: list[Event] = []
+        if limit is not None and limit <= 0:
+            return out
+        # Both maps are in seq order (a commit takes the oldest pending first), the committing
+        # ones before the pending ones: the scan can stop at the limit.
+        for part in (self._committing, self._pending):
+            if not part or next(reversed(part)) < after:
+                continue
+            for s, h in part.items():
+                if s >= after and h.owed & bit:
+                    out.append(h.event)
+                    if len(out) == limit:
+                        return out
+        return out
 
     async def load(self, bit: int, after: int, limit: int) -> list[Event]:
         """Up to `limit` events the sink of `bit` owes, from seq `after` on, in order: rows on
         disk and events not committed yet alike."""
-        in_memory = self.held(bit, after)
         try:
             rows = self._load(bit, after, limit)
         except sqlite3.Error as exc:
             self._disk_failed(exc)
             rows = []
-        events = {seq: Event.from_json(body, seq) for seq, body in rows}
-        for event in in_memory:
-            events.setdefault(event.seq, event)
-        return [events[seq] for seq in sorted(events)[:limit]]
+        # Rows on disk are older than any event held in memory, except those of a commit under
+        # way, which are in both: memory is read from past the last row.
+        events = [Event.from_json(body, seq) for seq, body in rows]
+        if len(events) < limit:
+            start = rows[-1][0] + 1 if rows else after
+            events.extend(self.held(bit, max(after, start), limit - len(events)))
+        return events
 
     def _load(self, bit: int, after: int, limit: int) -> list[tuple[int, bytes]]:
         assert self._db is not None

@@ -129,6 +129,9 @@ def key_partitioner(key: bytes | None, all_partitions: list[int], available: lis
     partition."""
     if key is None:
         return random.choice(available or all_partitions)
+    if len(all_partitions) == 1:
+        # Any hash modulo 1 is 0: a topic of one partition needs no hash.
+        return all_partitions[0]
     return all_partitions[_key_hash(key) % len(all_partitions)]
 
 
