@@ -23,13 +23,15 @@ import sqlite3
 from collections.abc import Sequence
 
 from relay.deadletter import DeadLetter
-from relay.engine import EngineReader, QueueItem
+from relay.engine import EngineReader, QueueItem, engine_now
 from relay.errors import ConfigError
+from relay.flap import Suppressor, call_later
 from relay.http import HttpServer
 from relay.lifecycle import ComponentError, Running, Supervisor
 from relay.metrics import Metrics
 from relay.outbox import Budget, SinkWorker
 from relay.pipeline import Pipeline
+from relay.reconcile import PENDING_FILE, QueryObjects, Reconciler, ReconcileTarget
 from relay.retry import RetryPolicy, quiet_stamina
 from relay.router import RouteFilter, RouteTable
 from relay.schema import Event
@@ -94,6 +96,29 @@ class Relay:
             # the others' redaction narrows it (relay.redact).
             settings.schema_.model_copy(update={"exec_command": settings.kept_exec_command()}),
         )
+        reconciling = [
+            ReconcileTarget(w.name, w, None if f.is_catch_all else f, s.reconcile)
+            for w, (s, f) in zip(self.workers, sinks, strict=True)
+            if s.reconcile.enabled
+        ]
+        if reconciling:
+            self.pipeline.reconciler = Reconciler(
+                reconciling,
+                QueryObjects(settings.engine.host, settings.engine.connect_timeout, engine_now),
+                self.metrics,
+                settings.state_dir / PENDING_FILE if sp.durable else None,
+            )
+        flapping = [(w, w.name, w.sink.flap) for w in self.workers if w.sink.flap is not None]
+        self.flap: Suppressor | None = None
+        if flapping:
+            self.flap = self.pipeline.flap = Suppressor(
+                flapping,
+                type_prefix=settings.schema_.type_prefix,
+                deliver=self.pipeline.deliver_to,
+                done=self.spool.done,
+                metrics=self.metrics,
+                schedule=call_later,
+            )
         self.reader = EngineReader(
             settings.engine,
             self.queue,
@@ -186,8 +211,14 @@ class Relay:
         )
 
     def _open_spool(self) -> None:
+        names = [w.name for w in self.workers]
+        held = self.flap.held_names() if self.flap is not None else []
+        clash = sorted(set(names) & set(held))
+        if clash:
+            # The spool keeps what a sink's flap windows hold under that name.
+            raise ConfigError("sinks", f"a sink may not be called {clash[0]!r} (flap suppression)")
         try:
-            recovered = self.spool.open([w.name for w in self.workers])
+            recovered = self.spool.open(names + held)
         except (sqlite3.Error, OSError) as exc:
             self.spool.close()
             raise ConfigError(
@@ -196,6 +227,12 @@ class Relay:
         for worker in self.workers:
             worker.recover(self.spool.bits[worker.name], recovered.backlog[worker.name])
         self.pipeline.recover(recovered)
+        if self.flap is not None:
+            self.flap.opened(
+                self.spool.bits, {name: b.events for name, b in recovered.backlog.items()}
+            )
+        if self.pipeline.reconciler is not None:
+            self.pipeline.reconciler.recover()
 
     async def _drain(self, reader: Running, pipeline: Running, workers: list[Running]) -> None:
         timeout = self.settings.drain_timeout
@@ -204,6 +241,9 @@ class Relay:
         await reader.stop()
         await pipeline.stop()
         self.pipeline.drain_nowait()
+        if self.flap is not None:
+            # Open windows' summaries, delivered within the drain like any event.
+            self.flap.close_all()
         for w in self.workers:
             w.outbox.close()
         if not workers:

@@ -31,9 +31,10 @@ import aiodocker
 import aiohttp
 import msgspec
 
+from relay.identity import engine_identity, flavour_of
 from relay.lifecycle import TaskStatus
 from relay.metrics import Metrics
-from relay.normalize import since_param
+from relay.normalize import Flavour, since_param
 from relay.retry import RetryPolicy
 from relay.schema import Engine
 from relay.settings import EngineSettings
@@ -44,11 +45,13 @@ log = logging.getLogger("relay.engine")
 @dataclass(frozen=True)
 class Connected:
     """Queue marker: a new stream began, from this engine, whose clock said `engine_now`.
-    `clamped_from`: the resume point was ahead of that clock (and read from its now instead)."""
+    `clamped_from`: the resume point was ahead of that clock (and read from its now instead).
+    `flavour`: which engine it is (`/version`), for the normalizer."""
 
     engine: Engine
     engine_now: int = 0
     clamped_from: int | None = None
+    flavour: Flavour = "docker"
 
 
 DEFAULT_MAX_LINE_BYTES: int = EngineSettings.model_fields["max_line_bytes"].default
@@ -270,8 +273,9 @@ class EngineReader:
             # before it.
             waited = int((time.monotonic() - self._born) * 1e9)
             version = await docker.version()
+            flavour = flavour_of(version)
             engine = Engine(
-                id=str(info.get("ID") or ""),
+                id=engine_identity(info, flavour, s.id),
                 name=str(info.get("Name") or ""),
                 version=str(version.get("Version") or ""),
                 api_version=str(version.get("ApiVersion") or ""),
@@ -322,15 +326,18 @@ class EngineReader:
                     self.metrics.engine_reconnects.inc()
                 self._ever_connected = True
                 log.info(
-                    "engine %s connected: id=%s name=%s version=%s api=%s since=%s",
+                    "engine %s connected: %s id=%s (its /info ID: %s) name=%s version=%s "
+                    "api=%s since=%s",
                     self.address,
+                    flavour,
                     engine.id,
+                    info.get("ID"),
                     engine.name,
                     engine.version,
                     engine.api_version,
                     params["since"],
                 )
-                self._put(Connected(engine, now, clamped_from))
+                self._put(Connected(engine, now, clamped_from, flavour))
                 try:
                     await self._read(response)
                 finally:

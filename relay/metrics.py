@@ -102,6 +102,15 @@ class Metrics:
             "not reach back to the last event, a corrupt state, a cursor ahead of the engine.",
             registry=r,
         )
+        self.snapshots = Counter(
+            "relay_snapshots",
+            "Snapshots of the engine's objects for sinks with reconcile, by outcome: taken, or "
+            "failed (the engine did not answer; retried).",
+            ["outcome"],
+            registry=r,
+        )
+        for outcome in ("taken", "failed"):
+            self.snapshots.labels(outcome)
         self.events_delivered = Counter(
             "relay_events_delivered", "Events acknowledged by the sink.", ["sink"], registry=r
         )
@@ -121,6 +130,13 @@ class Metrics:
             "relay_events_dropped",
             "Events dropped by an outbox overflow policy.",
             ["sink"],
+            registry=r,
+        )
+        self.events_suppressed = Counter(
+            "relay_events_suppressed",
+            "Events a sink's flap suppression held back, by base action: each is summarised "
+            "in a ...suppressed event to that sink when its window closes.",
+            ["sink", "action"],
             registry=r,
         )
         self.outbox_depth = Gauge(

@@ -21,15 +21,21 @@ import logging
 from relay.cursor import Position
 from relay.deadletter import DeadLetter
 from relay.engine import Connected, QueueItem
+from relay.flap import Suppressor
 from relay.lifecycle import TaskStatus
 from relay.metrics import Metrics
-from relay.normalize import MalformedEventError, Normalizer, since_param
+from relay.normalize import Flavour, MalformedEventError, Normalizer, since_param
+from relay.reconcile import Reconciler
 from relay.router import RouteTable, Target
 from relay.schema import Engine, Event
 from relay.settings import SchemaSettings
 from relay.spool import Recovered, Spool
 
 log = logging.getLogger("relay.pipeline")
+
+# Seconds without a line from the engine after which a replay is taken to be through (a snapshot
+# owed after a gap waits for it, or for a live event).
+REPLAY_QUIET = 0.5
 
 # A flood of bad lines is one log line per burst, with the count (relay.logs.BurstFilter).
 _BURST = {"burst": True}
@@ -59,6 +65,12 @@ class Pipeline:
         # A gap to report at the first event of the next stream, and why.
         self._pending_gap: str | None = None
         self._recovered = Recovered()
+        # The engine's clock when the current stream began: events up to it are its replay.
+        self._stream_now = 0
+        # Set by the app when a sink asks for snapshots (relay.reconcile); None costs nothing.
+        self.reconciler: Reconciler | None = None
+        # Flap suppression (relay.flap), when some sink has `flap:`; None costs nothing.
+        self.flap: Suppressor | None = None
         spool.follow(self._cursor)
 
     def recover(self, recovered: Recovered) -> None:
@@ -96,8 +108,30 @@ class Pipeline:
 
     async def run(self, task_status: TaskStatus) -> None:
         task_status.started()
+        if self.flap is not None:
+            # Windows a killed run left open: summarised before anything new is read.
+            await self.flap.recover(self.spool.load)
+        reconciler = self.reconciler
         while True:
-            self._handle(await self.queue.get())
+            if reconciler is not None and reconciler.due and self.queue.empty():
+                # A snapshot waits for the end of the replay: taken before it, the replay's
+                # older events would follow a snapshot that is newer than they are. The engine
+                # sends its replay at once, so a quiet queue means it is through.
+                try:
+                    async with asyncio.timeout(REPLAY_QUIET):
+                        item = await self.queue.get()
+                except TimeoutError:
+                    await self._reconcile(reconciler)
+                    continue
+            else:
+                item = await self.queue.get()
+            self._handle(item)
+            if reconciler is not None and reconciler.due and self._replay_through():
+                await self._reconcile(reconciler)
+
+    def _replay_through(self) -> bool:
+        # An event newer than the engine's clock at the connection is live: the replay is over.
+        return self.cursor.time_nano > self._stream_now
 
     def drain_nowait(self) -> None:
         """Dispatch whatever the reader already queued (shutdown)."""
@@ -108,7 +142,7 @@ class Pipeline:
         if isinstance(item, list):
             self.dispatch(item)
         elif isinstance(item, Connected):
-            self._connected(item.engine, item.clamped_from, item.engine_now)
+            self._connected(item.engine, item.clamped_from, item.engine_now, item.flavour)
         else:
             # Dropped by the reader as it arrived; the pipeline owns dead letters.
             error = MalformedEventError(
@@ -121,8 +155,13 @@ class Pipeline:
             log.warning("oversized line from the engine, dead-lettered: %s", error, extra=_BURST)
             self.dead_letter.write_raw(item.head, reason="malformed", error=error)
 
-    def _connected(self, engine: Engine, clamped_from: int | None, now: int) -> None:
+    def _connected(
+        self, engine: Engine, clamped_from: int | None, now: int, flavour: Flavour = "docker"
+    ) -> None:
+        # An engine read for the first time (no position for it): a snapshot with on_start.
+        first = False
         if self.normalizer is None or self.normalizer.engine.id != engine.id:
+            first = self._pending_gap is None and self._stored(engine.id) is None
             stored = self._stored(engine.id)
             if stored is None and self._recovered.engine_id not in (None, engine.id):
                 log.warning(
@@ -131,8 +170,12 @@ class Pipeline:
                     engine.id,
                 )
             self.cursor = stored.copy() if stored is not None else Position()
+        self._stream_now = now
         self.normalizer = Normalizer(
-            engine, type_prefix=self.schema.type_prefix, exec_command=self.schema.exec_command
+            engine,
+            type_prefix=self.schema.type_prefix,
+            exec_command=self.schema.exec_command,
+            flavour=flavour,
         )
         if clamped_from is not None:
             self.metrics.replay_gaps.inc()
@@ -143,6 +186,8 @@ class Pipeline:
             )
         # A replay that does not reach back to the newest event handled may have a gap.
         self._check_gap_since = self.cursor.time_nano or None
+        if self.reconciler is not None:
+            self.reconciler.connected(engine.id, first, now)
 
     def dispatch(self, lines: list[bytes]) -> None:
         # The cursor moves with every line read, routed or not: the spool writes it.
@@ -197,12 +242,19 @@ class Pipeline:
         target.put(event)
 
     def _emit(self, event: Event) -> None:
+        flap = self.flap
+        if flap is not None:
+            # Summaries of the windows due go ahead of this event, in sequence order.
+            flap.tick()
         self.seq += 1
         event.seq = self.seq
         targets = self.routes.targets(event)
         if not targets:
             return
         owed = 0
+        if flap is not None:
+            # Held: owed under the sink's held bit, not handed to the sink (relay.flap).
+            targets, owed = flap.split(event, targets)
         for target in targets:
             owed |= target.bit
         # In the spool before it is handed on: a target may finish with it at once.
@@ -231,3 +283,26 @@ class Pipeline:
         ce = normalizer.gap(since, first, why)
         self.cursor.advance(first, ce.id)
         self._emit(Event(ce))
+        if self.reconciler is not None:
+            self.reconciler.gap(normalizer.engine.id, ce.id)
+
+    async def _reconcile(self, reconciler: Reconciler) -> None:
+        """The snapshot owed, after what was handled so far and before anything read since;
+        committed before it counts as taken (a crash before that takes it again)."""
+        normalizer = self.normalizer
+        if normalizer is None:
+            return
+        taken = await reconciler.take(normalizer.engine, normalizer.source, normalizer.type_prefix)
+        if taken is None:
+            return
+        for event, targets in taken.events:
+            self.seq += 1
+            event.seq = self.seq
+            owed = 0
+            for target in targets:
+                owed |= target.bit
+            self.spool.add(event, owed)
+            for target in targets:
+                target.put(event)
+        if await self.spool.commit():
+            reconciler.committed(taken.id)

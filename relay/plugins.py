@@ -126,5 +126,7 @@ def build_sinks(settings: Settings) -> list[tuple[Sink, RouteFilter]]:
     for config in configs:
         sink = config.build(context)
         sink.redaction = config.redact.compile(default_exec, kept_exec)
+        sink.flap = config.flap
+        sink.reconcile = config.reconcile
         built.append((sink, config.filter))
     return built

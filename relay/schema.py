@@ -100,6 +100,43 @@ class Context(msgspec.Struct, frozen=True, omit_defaults=True, kw_only=True, gc=
     kubernetes: Kubernetes | None = None
 
 
+class Suppressed(msgspec.Struct, frozen=True, omit_defaults=True, kw_only=True, gc=False):
+    """What a sink's flap suppression held back of one actor's action in one window (the data
+    of a `<type_prefix>.<type>.suppressed` event): those events were not delivered to this sink."""
+
+    action: Annotated[str, msgspec.Meta(description="The base action held (die, start...).")]
+    action_detail: Annotated[
+        str | None,
+        msgspec.Meta(description="Its detail (health_status: healthy or unhealthy), if any."),
+    ] = None
+    count: Annotated[int, msgspec.Meta(ge=1, description="Events held.")]
+    first_time: Annotated[str, msgspec.Meta(description="RFC 3339 time of the first held.")]
+    first_time_nano: int
+    last_time: Annotated[str, msgspec.Meta(description="RFC 3339 time of the last held.")]
+    last_time_nano: int
+
+
+class Snapshot(msgspec.Struct, frozen=True, omit_defaults=True, kw_only=True, gc=False):
+    """Which snapshot of the engine's objects an event belongs to (`<type_prefix>.<kind>.state`
+    and the closing `<type_prefix>.relay.snapshot_end`; see Reconcile after a gap)."""
+
+    id: Annotated[str, msgspec.Meta(description="Shared by every event of one snapshot.")]
+    reason: Annotated[
+        str,
+        msgspec.Meta(
+            description="Why it was taken: gap (after a relay.gap) or start (the first "
+            "stream from an engine)."
+        ),
+    ]
+    counts: Annotated[
+        dict[str, int] | None,
+        msgspec.Meta(
+            description="On snapshot_end only: the state events of each kind (container, "
+            "volume, network, image) this destination was sent in the snapshot."
+        ),
+    ] = None
+
+
 class EventData(msgspec.Struct, frozen=True, omit_defaults=True, kw_only=True, gc=False):
     """Normalized engine event (the CloudEvent's `data`), schema version 1."""
 
@@ -115,6 +152,10 @@ class EventData(msgspec.Struct, frozen=True, omit_defaults=True, kw_only=True, g
     # Last, and absent unless the actor carries Compose or Kubernetes labels: every other event
     # encodes exactly as before the field existed.
     context: Context | None = None
+    # Only on `...suppressed` events (relay.flap).
+    suppressed: Suppressed | None = None
+    # Only on snapshot events (relay.reconcile).
+    snapshot: Snapshot | None = None
 
 
 class CloudEvent(msgspec.Struct, frozen=True, omit_defaults=True, kw_only=True, gc=False):

@@ -25,6 +25,7 @@ from pydantic_settings import (
 )
 
 from relay.errors import ConfigError
+from relay.identity import ENGINE_ID_PATTERN
 from relay.normalize import ExecCommandMode
 from relay.redact import most_kept
 from relay.schema import DEFAULT_TYPE_PREFIX
@@ -100,6 +101,20 @@ class EngineSettings(_Section):
         "event id.",
     )
     connect_timeout: float = Field(default=10.0, gt=0, description="Connect timeout (s).")
+    id: str | None = Field(
+        default=None,
+        pattern=ENGINE_ID_PATTERN,
+        description="Pin the engine's identity (the `source` of its events, part of every "
+        "event id, the key of the stored position) instead of the engine's /info ID, or for "
+        "Podman the id derived from its host name and storage root. 1 to 128 of A-Z a-z 0-9 "
+        "._:- (no leading punctuation). Changing it makes the relay read from now.",
+    )
+
+    @field_validator("id", mode="before")
+    @classmethod
+    def _unset_id(cls, value: object) -> object:
+        # RELAY_ENGINE__ID= (empty) means unset, as for the other optional settings.
+        return None if value == "" else value
 
     @field_validator("host")
     @classmethod

@@ -52,6 +52,7 @@ from relay.errors import (
     SinkError,
     SinkStoppedError,
 )
+from relay.flap import FlapSettings
 from relay.names import (
     KAFKA_TOPIC_MAX,
     MQTT_LEVEL_MAX_BYTES,
@@ -64,6 +65,7 @@ from relay.names import (
     mqtt_topic_level,
     unescape,
 )
+from relay.reconcile import ReconcileSettings
 from relay.redact import Redaction, RedactSettings
 from relay.router import RouteFilter
 from relay.schema import Event
@@ -164,6 +166,16 @@ class SinkConfigBase(BaseModel):
     redact: RedactSettings = Field(
         default_factory=RedactSettings,
         description="What this sink must not receive (see Redaction); empty: nothing is taken out.",
+    )
+    flap: FlapSettings | None = Field(
+        default=None,
+        description="Flap suppression (see Flap suppression): repeats of one actor's action "
+        "within a window are held and summarised; absent: off.",
+    )
+    reconcile: ReconcileSettings = Field(
+        default_factory=ReconcileSettings,
+        description="Snapshots of the engine's objects after a gap (true, or {on_gap, "
+        "on_start, images}; see Reconcile after a gap); false: none.",
     )
 
     @property
@@ -270,6 +282,10 @@ class Sink(abc.ABC):
         self._closing = False
         # Set by the composition root from the sink's `redact:`; None: events as they are.
         self.redaction: Redaction | None = None
+        # Set by the composition root from the sink's `flap:`; None: no flap suppression.
+        self.flap: FlapSettings | None = None
+        # Set by the composition root from the sink's `reconcile:`; off by default.
+        self.reconcile = ReconcileSettings()
 
     @property
     def state(self) -> SinkState:

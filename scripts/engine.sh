@@ -9,6 +9,8 @@
 #   scripts/engine.sh ready DIR [PID]       wait until the socket answers and the image exists;
 #                                           fail early if PID (the dockerd) dies meanwhile
 #   scripts/engine.sh cli                   print the docker client this script uses
+#   scripts/engine.sh busybox-tar DIR       build DIR/busybox-image.tar (once), print its path
+#                                           (the Podman harness imports the same rootfs)
 #
 # DOCKERD defaults to /usr/sbin/dockerd (Debian 12: 20.10); the forky 28.5 engine fetched by
 # scripts/setup.sh is .cache/engines/forky/bin/dockerd. Each engine gets its own containerd:
@@ -26,7 +28,7 @@ POLL_INTERVAL=0.1
 
 die() { printf 'engine.sh: %s\n' "$*" >&2; exit 1; }
 
-usage() { sed -n '2,14p' "$SELF" | sed 's/^# \{0,1\}//' >&2; exit 2; }
+usage() { sed -n '2,16p' "$SELF" | sed 's/^# \{0,1\}//' >&2; exit 2; }
 
 # The client must work against API 1.41 and 1.51 alike. A 28.x client negotiates down to
 # 1.41 with the 20.10 engine; the 20.10 client would cap the 28.5 engine at API 1.41 and hide
@@ -182,5 +184,6 @@ case "${1:-}" in
     run) shift; cmd_run "$@" ;;
     ready) shift; cmd_ready "$@" ;;
     cli) docker_cli ;;
+    busybox-tar) shift; [[ $# -eq 1 ]] || usage; busybox_tar "$1" ;;
     *) usage ;;
 esac

@@ -21,7 +21,7 @@ log() { printf '[setup] %s\n' "$*" >&2; }
 
 # --- 1. Debian packages -------------------------------------------------------------------
 APT_PACKAGES=(docker.io busybox-static mosquitto stunnel4 openssl debootstrap prometheus
-    mosquitto-clients)
+    mosquitto-clients podman)
 
 missing=()
 for pkg in "${APT_PACKAGES[@]}"; do

@@ -27,6 +27,7 @@ from tests.harness import (
     known_engines,
     require_engine,
 )
+from tests.harness.podman import PrivatePodman
 
 INTEGRATION_DIR = Path(__file__).parent / "integration"
 
@@ -86,6 +87,31 @@ def engine_fresh(
     engine.start()
     yield engine
     engine.stop()
+
+
+@pytest.fixture
+def podman_factory(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[Callable[..., PrivatePodman]]:
+    """Start private Podman services (tests/harness/podman.py), each free to restart or break:
+    make(events_logfile_max_size=...). Fails, never skips, when podman is missing."""
+    started: list[PrivatePodman] = []
+
+    def make(events_logfile_max_size: int | None = None) -> PrivatePodman:
+        service = PrivatePodman(tmp_path_factory.mktemp("podman"), events_logfile_max_size)
+        started.append(service)
+        service.start()
+        return service
+
+    yield make
+    for service in started:
+        service.close()
+
+
+@pytest.fixture
+def podman(podman_factory: Callable[..., PrivatePodman]) -> PrivatePodman:
+    """A private Podman service of this test alone, with Podman's default events file size."""
+    return podman_factory()
 
 
 @pytest.fixture(scope="session")
