@@ -26,9 +26,9 @@ hits both:
 
 Each side: 10 warm-up volume creations that must all arrive (so both are connected and have
 their topics' metadata), then --events volume creations paced at the rate through the engine's
-API by another process (bench/load.py). Latency = arrival time at the MQTT subscriber, Kafka
-consumer or webhook receiver (all in this process) minus the engine's `timeNano`, same host
-clock; loss = created but not arrived within --deadline seconds of the last creation. CPU =
+API by another process (bench/load.py). Latency = arrival time at the MQTT subscriber
+(`mosquitto_sub`, which stamps each message), Kafka consumer or webhook receiver (these two in
+this process) minus the engine's `timeNano`, same host clock; loss = created but not arrived within --deadline seconds of the last creation. CPU =
 utime + stime from /proc/<pid>/stat of every process of the side (relay: its process; plain:
 the docker CLI and the forwarder), from the end of the warm-up until the last event arrived.
 The volumes are pruned after each side, while nothing listens, and a side with a Kafka sink
@@ -57,6 +57,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -66,9 +67,7 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-import paho.mqtt.client as mqtt  # noqa: E402
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer  # noqa: E402
-from paho.mqtt.enums import CallbackAPIVersion  # noqa: E402
 
 from bench.bench_footprint import TICKS, cpu_seconds, get  # noqa: E402
 from bench.load import paced_volume_creates  # noqa: E402
@@ -170,23 +169,39 @@ class Destinations:
         self.tansu = tansu
         self.trackers = {sink: Tracker() for sink in SINKS}
         self.receiver = Receiver()
-        self._subscriber: mqtt.Client | None = None
+        self._subscriber: subprocess.Popen[bytes] | None = None
         self._consumer: AIOKafkaConsumer | None = None
         self._consuming: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
         await self.receiver.start()
+        self._subscriber = self._subscribe()
+
+    def _subscribe(self) -> subprocess.Popen[bytes]:
         mqtt_raw = self.trackers["mqtt"].raw
+        # mosquitto_sub (C, its own process) stamps each message as it arrives (%U: Unix time
+        # with ns). A Python subscriber in this process decoded the relay's MQTT 5 user
+        # properties (one per CloudEvents attribute) at ~0.1 ms a message while sharing the GIL
+        # with the load: it counted its own decoding, and the pipe's messages carry none.
+        sub = subprocess.Popen(
+            [
+                shutil.which("mosquitto_sub") or "mosquitto_sub",
+                *("-h", "127.0.0.1", "-p", str(self.mosquitto.port), "-t", "#", "-q", "1"),
+                *("-V", "mqttv5", "-F", "%U %p"),
+            ],
+            stdout=subprocess.PIPE,
+        )
 
-        def on_message(_c: object, _u: object, msg: mqtt.MQTTMessage) -> None:
-            mqtt_raw.append((time.time_ns(), msg.payload))
+        def read() -> None:
+            assert sub.stdout is not None
+            for line in sub.stdout:
+                stamp, _, payload = line.rstrip(b"\n").partition(b" ")
+                secs, _, nanos = stamp.partition(b".")
+                with contextlib.suppress(ValueError):
+                    mqtt_raw.append((int(secs) * 10**9 + int(nanos), payload))
 
-        sub = mqtt.Client(CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
-        sub.on_message = on_message
-        sub.connect("127.0.0.1", self.mosquitto.port)
-        sub.subscribe("#", qos=1)
-        sub.loop_start()
-        self._subscriber = sub
+        threading.Thread(target=read, name="mosquitto_sub", daemon=True).start()
+        return sub
 
     async def fresh_kafka(self) -> None:
         """A restarted tansu (memory storage: no records) and a new consumer on its topics, so
@@ -249,8 +264,8 @@ class Destinations:
     async def aclose(self) -> None:
         await self.stop_kafka()
         if self._subscriber is not None:
-            self._subscriber.loop_stop()
-            self._subscriber.disconnect()
+            self._subscriber.terminate()
+            self._subscriber.wait(10)
         await self.receiver.aclose()
 
 
