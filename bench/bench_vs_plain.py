@@ -12,10 +12,10 @@ that a before/after pair, or a checkout others are editing, is measured on a fix
 what the bench measures without them).
 
 Everything is real and local, started once for the whole run: a private Docker Engine (20.10,
-tests/harness), Mosquitto, tansu (memory storage) and an aiohttp webhook receiver (the harness's
-Receiver, in this process). For every rate, run and sink, two sides take turns on that same
-engine, broker and load, one after the other, the order alternating so that the machine's noise
-hits both:
+tests/harness), Mosquitto, tansu (memory storage) and an aiohttp webhook receiver
+(bench/plain/webhook_receiver.py, its own process). For every rate, run and sink, two sides take
+turns on that same engine, broker and load, one after the other, the order alternating so that
+the machine's noise hits both:
 
 - relay: `python -m relay run` (the tree `--tree`, default this checkout) as an operator runs
   it, with only that sink and its defaults (Kafka: idempotence off, tansu cannot do it);
@@ -27,14 +27,14 @@ hits both:
 Each side: 10 warm-up volume creations that must all arrive (so both are connected and have
 their topics' metadata), then --events volume creations paced at the rate through the engine's
 API by another process (bench/load.py). Latency = arrival time at the MQTT subscriber
-(`mosquitto_sub`, which stamps each message), Kafka consumer or webhook receiver (these two in
-this process) minus the engine's `timeNano`, same host clock; loss = created but not arrived within --deadline seconds of the last creation. CPU =
-utime + stime from /proc/<pid>/stat of every process of the side (relay: its process; plain:
-the docker CLI and the forwarder), from the end of the warm-up until the last event arrived.
-The volumes are pruned after each side, while nothing listens, and a side with a Kafka sink
-starts on a restarted tansu: its memory storage slows down as records pile up (p50 grew from
-tens of ms to seconds over one whole run, for both sides), which would favour whichever side
-ran first.
+(`mosquitto_sub`), Kafka consumer (in this process) or webhook receiver, each stamping arrivals,
+minus the engine's `timeNano`, same host clock; loss = created but not arrived within --deadline
+seconds of the last creation. CPU = utime + stime from /proc/<pid>/stat of every process of the
+side (relay: its process; plain: the docker CLI and the forwarder), from the end of the warm-up
+until the last event arrived. The volumes are pruned after each side, while nothing listens, and
+a side with a Kafka sink starts on a restarted tansu: its memory storage slows down as records
+pile up (p50 grew from tens of ms to seconds over one whole run, for both sides), which would
+favour whichever side ran first.
 
 `--no-all` skips the last case: all three sinks in one relay at --all-rate against the three
 plain forwarders running at once. `--profile` adds one more relay run with all three sinks at
@@ -73,7 +73,6 @@ from bench.bench_footprint import TICKS, cpu_seconds, get  # noqa: E402
 from bench.load import paced_volume_creates  # noqa: E402
 from tests.harness import Mosquitto, PrivateEngine, Tansu, free_port, wait_for  # noqa: E402
 from tests.harness.engine import SYSTEM_DOCKERD, docker_cli_path  # noqa: E402
-from tests.harness.receiver import Receiver  # noqa: E402
 
 SINKS = ("mqtt", "kafka", "webhook")
 PLAIN_TOPIC = "plain/events"
@@ -168,14 +167,33 @@ class Destinations:
         self.mosquitto = mosquitto
         self.tansu = tansu
         self.trackers = {sink: Tracker() for sink in SINKS}
-        self.receiver = Receiver()
+        self.receiver_port = free_port()
+        self._receiver: subprocess.Popen[bytes] | None = None
         self._subscriber: subprocess.Popen[bytes] | None = None
         self._consumer: AIOKafkaConsumer | None = None
         self._consuming: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
-        await self.receiver.start()
+        self._receiver = self._receive()
         self._subscriber = self._subscribe()
+
+    def url(self, path: str) -> str:
+        return f"http://127.0.0.1:{self.receiver_port}{path}"
+
+    def _receive(self) -> subprocess.Popen[bytes]:
+        webhook_raw = self.trackers["webhook"].raw
+        port = str(self.receiver_port)
+        receiver = subprocess.Popen(
+            [sys.executable, str(REPO / "bench" / "plain" / "webhook_receiver.py"), port],
+            stdout=subprocess.PIPE,
+        )
+        assert receiver.stdout is not None
+        if receiver.stdout.readline().strip() != b"ready":
+            raise RuntimeError("the webhook receiver did not start")
+        threading.Thread(
+            target=_stamped_lines, args=(receiver, webhook_raw), name="receiver", daemon=True
+        ).start()
+        return receiver
 
     def _subscribe(self) -> subprocess.Popen[bytes]:
         mqtt_raw = self.trackers["mqtt"].raw
@@ -192,15 +210,9 @@ class Destinations:
             stdout=subprocess.PIPE,
         )
 
-        def read() -> None:
-            assert sub.stdout is not None
-            for line in sub.stdout:
-                stamp, _, payload = line.rstrip(b"\n").partition(b" ")
-                secs, _, nanos = stamp.partition(b".")
-                with contextlib.suppress(ValueError):
-                    mqtt_raw.append((int(secs) * 10**9 + int(nanos), payload))
-
-        threading.Thread(target=read, name="mosquitto_sub", daemon=True).start()
+        threading.Thread(
+            target=_stamped_lines, args=(sub, mqtt_raw), name="mosquitto_sub", daemon=True
+        ).start()
         return sub
 
     async def fresh_kafka(self) -> None:
@@ -247,12 +259,6 @@ class Destinations:
             await consumer.stop()
 
     def drain(self) -> None:
-        # The receiver timestamps with the monotonic clock; the engine with the wall clock.
-        offset = time.time_ns() - time.monotonic_ns()
-        requests = self.receiver.requests
-        webhook = self.trackers["webhook"]
-        webhook.raw.extend((int(r.arrived * 1e9) + offset, r.body) for r in requests)
-        requests.clear()
         for tracker in self.trackers.values():
             tracker.drain()
 
@@ -266,7 +272,20 @@ class Destinations:
         if self._subscriber is not None:
             self._subscriber.terminate()
             self._subscriber.wait(10)
-        await self.receiver.aclose()
+        if self._receiver is not None:
+            self._receiver.terminate()
+            self._receiver.wait(10)
+
+
+def _stamped_lines(proc: subprocess.Popen[bytes], into: list[tuple[int, bytes]]) -> None:
+    """Lines `<time> <payload>` of a destination process into `into` as (ns, payload); the
+    time is Unix ns, or seconds.nanoseconds (mosquitto_sub's %U)."""
+    assert proc.stdout is not None
+    for line in proc.stdout:
+        stamp, _, payload = line.rstrip(b"\n").partition(b" ")
+        secs, dot, nanos = stamp.partition(b".")
+        with contextlib.suppress(ValueError):
+            into.append((int(secs) * 10**9 + int(nanos) if dot else int(secs), payload))
 
 
 def system_seconds(pid: int) -> float:
@@ -336,7 +355,7 @@ class Bench:
                 "enable_idempotence": False,  # tansu lacks InitProducerId (DESIGN.md 5)
             }
         else:
-            config = {"type": "webhook", "url": self.dest.receiver.url("/relay")}
+            config = {"type": "webhook", "url": self.dest.url("/relay")}
         config["name"] = sink
         for option in self.args.sink_option:
             target, _, value = option.partition("=")
@@ -394,7 +413,7 @@ class Bench:
         script = REPO / "bench" / "plain" / f"{sink}_forward.py"
         if sink == "kafka":
             return [sys.executable, str(script), self.tansu.bootstrap, KAFKA_TOPICS["plain"]]
-        return [sys.executable, str(script), self.dest.receiver.url("/plain")]
+        return [sys.executable, str(script), self.dest.url("/plain")]
 
     def start_plain(self, sinks: list[str]) -> Side:
         procs: list[subprocess.Popen[bytes]] = []
