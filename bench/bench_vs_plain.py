@@ -106,15 +106,23 @@ finally:
 # --- what arrives ----------------------------------------------------------------------------
 
 
-def parse(payload: bytes) -> tuple[str, int] | None:
-    """(volume name, engine timeNano) of a volume creation, from the relay's v1 data or the
-    docker CLI's JSON line; None for anything else (status messages, other events)."""
+def parse(payload: bytes) -> list[tuple[str, int]]:
+    """(volume name, engine timeNano) of each volume creation in a payload: the relay's v1
+    data (binary mode), a structured CloudEvent or a batch of them, or the docker CLI's JSON
+    line; status messages and other events give none."""
     try:
         d = json.loads(payload)
     except ValueError:
-        return None
+        return []
+    found = [one for item in (d if isinstance(d, list) else [d]) if (one := _creation(item))]
+    return found
+
+
+def _creation(d: Any) -> tuple[str, int] | None:
     if not isinstance(d, dict):
         return None
+    if isinstance(d.get("data"), dict) and "specversion" in d:
+        d = d["data"]
     if "time_nano" in d:
         if d.get("type") == "volume" and d.get("action") == "create":
             return str(d["actor"]["id"]), int(d["time_nano"])
@@ -127,7 +135,8 @@ def parse(payload: bytes) -> tuple[str, int] | None:
 @dataclass
 class Tracker:
     """Arrivals at one destination: raw (arrival ns, payload) appended by whoever receives
-    (paho's thread, the consumer task), parsed later on the bench's loop."""
+    (the destination processes' reader threads, the consumer task), parsed later on the
+    bench's loop."""
 
     raw: list[tuple[int, bytes]] = field(default_factory=list)
     seen: int = 0
@@ -138,16 +147,13 @@ class Tracker:
     def drain(self) -> None:
         end = len(self.raw)
         for arrived, payload in self.raw[self.seen : end]:
-            found = parse(payload)
-            if found is None:
-                continue
-            name, time_nano = found
-            prefix = name.rsplit("-", 1)[0]
-            names = self.first.setdefault(prefix, {})
-            if name in names:
-                self.duplicates[prefix] = self.duplicates.get(prefix, 0) + 1
-            else:
-                names[name] = (arrived, time_nano)
+            for name, time_nano in parse(payload):
+                prefix = name.rsplit("-", 1)[0]
+                names = self.first.setdefault(prefix, {})
+                if name in names:
+                    self.duplicates[prefix] = self.duplicates.get(prefix, 0) + 1
+                else:
+                    names[name] = (arrived, time_nano)
         self.seen = end
 
     def count(self, prefix: str) -> int:
