@@ -11,9 +11,11 @@ import asyncio
 import contextlib
 import json
 import sqlite3
+import subprocess
+import sys
 import threading
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +25,9 @@ from relay.router import RouteFilter
 from relay.schema import Event
 from relay.settings import Settings
 from relay.sink import Sink
+from tests.harness.wait import wait_for
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def relay_settings(docker_host: str, state_dir: Path, **overrides: Any) -> Settings:
@@ -163,3 +168,47 @@ async def running_relay(
         yield relay
     finally:
         await asyncio.to_thread(runner.stop, settings.drain_timeout + 20)
+
+
+# -- the relay as a process ------------------------------------------------------------------
+
+
+def spawn_relay(env: Mapping[str, str], stdout: Path, stderr: Path) -> subprocess.Popen[bytes]:
+    """`docker-event-relay run` as an operator starts it, configured by `env` alone."""
+    with stderr.open("wb") as err, stdout.open("wb") as out:
+        return subprocess.Popen(
+            [sys.executable, "-m", "relay", "run"],
+            cwd=REPO,
+            env=dict(env),
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=err,
+        )
+
+
+def start_cli_relay(
+    base_env: Mapping[str, str],
+    docker_host: str,
+    state: Path,
+    out: Path,
+    err: Path,
+    **settings: str,
+) -> subprocess.Popen[bytes]:
+    """The relay process on `docker_host` (its stdout sink into `out`, its log into `err`), no
+    HTTP port, `settings` as RELAY_* variables; returned once it logged its connection. A
+    first start reads from then on: events before it are not its own."""
+    env = {k: v for k, v in base_env.items() if not k.startswith("RELAY_")}
+    env.update(
+        RELAY_ENGINE__HOST=docker_host,
+        RELAY_STATE_DIR=str(state),
+        RELAY_HTTP__ENABLED="false",
+        **settings,
+    )
+    proc = spawn_relay(env, out, err)
+    wait_for(
+        lambda: b"connected" in err.read_bytes() or proc.poll() is not None,
+        timeout=30,
+        message="the relay connected",
+    )
+    assert proc.poll() is None, err.read_text()
+    return proc

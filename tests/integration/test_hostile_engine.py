@@ -27,7 +27,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from tests.harness import async_wait_for, free_port
 from tests.harness.fake_engine import FakeEngine
-from tests.integration.test_ops import get, spawn_relay
+from tests.integration.test_ops import get
+from tests.relay_harness import spawn_relay
 
 REPO = Path(__file__).resolve().parents[2]
 MiB = 1024 * 1024

@@ -35,7 +35,7 @@ from tests.harness import (
     wait_for,
 )
 from tests.harness.receiver import Receiver
-from tests.relay_harness import relay_settings, running_relay
+from tests.relay_harness import relay_settings, running_relay, spawn_relay
 from tests.scenarios import PRUNED_TYPES, engine_events, engine_time, prune_scenario
 
 REPO = Path(__file__).resolve().parents[2]
@@ -301,18 +301,6 @@ def relay_env(engine: PrivateEngine, tmp_path: Path, port: int, **env: str) -> d
     )
     base.update(env)
     return base
-
-
-def spawn_relay(env: dict[str, str], stdout: Path, stderr: Path) -> subprocess.Popen[bytes]:
-    with stderr.open("wb") as err, stdout.open("wb") as out:
-        return subprocess.Popen(
-            [sys.executable, "-m", "relay", "run"],
-            cwd=REPO,
-            env=env,
-            stdin=subprocess.DEVNULL,
-            stdout=out,
-            stderr=err,
-        )
 
 
 def check_config(env: dict[str, str]) -> subprocess.CompletedProcess[str]:

@@ -9,7 +9,6 @@ import asyncio
 import json
 import signal
 import subprocess
-import sys
 import time
 import uuid
 from collections import Counter
@@ -24,13 +23,12 @@ from relay.identity import podman_id
 from relay.normalize import event_id, since_param
 from relay.router import RouteFilter
 from sinks.stdout import StdoutSink
-from tests.harness import PrivateEngine, async_wait_for, wait_for
+from tests.harness import PrivateEngine, async_wait_for
 from tests.harness.podman import PrivatePodman
-from tests.relay_harness import relay_settings, running_relay, spool_cursor
+from tests.relay_harness import relay_settings, running_relay, spool_cursor, start_cli_relay
 
 pytestmark = pytest.mark.integration
 
-REPO = Path(__file__).resolve().parents[2]
 PODMAN_ATTRIBUTES = {"containerExitCode", "podId", "image", "name", "exitCode"}
 PREFIX = "dev.docker-event-relay"
 
@@ -184,30 +182,7 @@ async def test_seed_scenario_types_actors_and_no_podman_attribute_among_labels(
 def _relay_process(
     podman: PrivatePodman, state: Path, out: Path, err: Path
 ) -> subprocess.Popen[bytes]:
-    env = {k: v for k, v in podman.env().items() if not k.startswith("RELAY_")}
-    env.update(
-        {
-            "RELAY_ENGINE__HOST": podman.docker_host,
-            "RELAY_STATE_DIR": str(state),
-            "RELAY_HTTP__ENABLED": "false",
-        }
-    )
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "relay", "run"],
-        cwd=REPO,
-        env=env,
-        stdin=subprocess.DEVNULL,
-        stdout=out.open("wb"),
-        stderr=err.open("wb"),
-    )
-    # A first start reads from when the relay started: events before that are not its own.
-    wait_for(
-        lambda: b"connected" in err.read_bytes() or proc.poll() is not None,
-        timeout=30,
-        message="the relay connected",
-    )
-    assert proc.poll() is None, err.read_text()
-    return proc
+    return start_cli_relay(podman.env(), podman.docker_host, state, out, err)
 
 
 async def _create_volumes(podman: PrivatePodman, names: list[str]) -> None:

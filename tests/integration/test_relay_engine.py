@@ -9,7 +9,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import threading
 import uuid
 from pathlib import Path
@@ -22,7 +21,13 @@ from relay.router import RouteFilter
 from sinks.stdout import StdoutSink
 from tests.harness import PrivateEngine, async_wait_for, wait_for
 from tests.harness.engine import docker_cli_path
-from tests.relay_harness import RelayThread, relay_settings, running_relay, spool_cursor
+from tests.relay_harness import (
+    RelayThread,
+    relay_settings,
+    running_relay,
+    spool_cursor,
+    start_cli_relay,
+)
 from tests.scenarios import (
     PRUNED_TYPES,
     create_volumes,
@@ -31,8 +36,6 @@ from tests.scenarios import (
     engine_time,
     prune_scenario,
 )
-
-REPO = Path(__file__).resolve().parents[2]
 
 
 def read_events(path: Path) -> list[dict[str, Any]]:
@@ -176,29 +179,14 @@ async def test_burst_of_5000_volumes_every_event_once_in_engine_order(
 def _start_cli_relay(
     engine: PrivateEngine, state: Path, out: Path, err: Path
 ) -> subprocess.Popen[bytes]:
-    env = {k: v for k, v in engine.env().items() if not k.startswith("RELAY_")}
-    env.update(
-        {
-            "RELAY_ENGINE__HOST": engine.docker_host,
-            "RELAY_ENGINE__FILTERS": json.dumps({"type": ["volume"]}),
-            "RELAY_STATE_DIR": str(state),
-            "RELAY_HTTP__ENABLED": "false",
-        }
+    return start_cli_relay(
+        engine.env(),
+        engine.docker_host,
+        state,
+        out,
+        err,
+        RELAY_ENGINE__FILTERS=json.dumps({"type": ["volume"]}),
     )
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "relay", "run"],
-        cwd=REPO,
-        env=env,
-        stdout=open(out, "wb"),
-        stderr=open(err, "wb"),
-    )
-    wait_for(
-        lambda: b"connected" in err.read_bytes() or proc.poll() is not None,
-        timeout=30,
-        message="relay connected",
-    )
-    assert proc.poll() is None, err.read_text()
-    return proc
 
 
 def test_restart_resumes_from_the_spool_cursor_without_duplicates(
