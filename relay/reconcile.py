@@ -308,10 +308,12 @@ async def query_objects(
     docker = aiodocker.Docker(url=host, timeout=timeout)
     try:
         info = await docker.system.info()
+        # `containers.list` wraps each container in an object that is no mapping; the
+        # conversion reads the engine's JSON, which the other three lists return as it is.
         containers = await docker._query_json("containers/json", params={"all": "1"})
-        volumes = await docker._query_json("volumes")
-        networks = await docker._query_json("networks")
-        image_list = await docker._query_json("images/json") if images else None
+        volumes = await docker.volumes.list()  # type: ignore[no-untyped-call]
+        networks = await docker.networks.list()
+        image_list = await docker.images.list() if images else None
     finally:
         with contextlib.suppress(Exception):
             await docker.close()
