@@ -173,9 +173,15 @@ async def test_on_start_snapshots_the_engine_once_with_filters_and_images(
     tag = uuid.uuid4().hex[:8]
     await asyncio.to_thread(ensure_busybox, engine)
 
+    made: list[str] = []
+
     def objects() -> None:
         engine.cli("volume", "create", "--label", f"team={tag}", "--label", HOSTILE, f"mine-{tag}")
         engine.cli("volume", "create", f"theirs-{tag}")
+        # A dangling image (its tag moved to a newer commit): listed by the engine as any other.
+        engine.cli("create", "--name", f"img-{tag}", "--network", "none", "busybox", "true")
+        for _ in range(2):
+            made.append(engine.cli("commit", f"img-{tag}", f"relay-reconcile-{tag}:x").stdout)
 
     await asyncio.to_thread(objects)
     settings = relay_settings(engine.docker_host, tmp_path / "state")
@@ -191,14 +197,22 @@ async def test_on_start_snapshots_the_engine_once_with_filters_and_images(
         (end,) = await async_wait_for(lambda: ends(everything), 60, message="snapshot end")
         (team_end,) = await async_wait_for(lambda: ends(team), 30, message="team's end")
         listed = await asyncio.to_thread(engine_objects, engine)
-        images = await asyncio.to_thread(
-            engine.cli, "images", "-q", "--no-trunc", "--filter", "dangling=false"
+        images = await asyncio.to_thread(engine.cli, "images", "-q", "--no-trunc")
+        dangling = await asyncio.to_thread(
+            engine.cli, "images", "-q", "--no-trunc", "--filter", "dangling=true"
         )
+
+    def remove_image_objects() -> None:
+        engine.cli("rm", f"img-{tag}")
+        engine.cli("rmi", *(image.strip() for image in made))
+
+    await asyncio.to_thread(remove_image_objects)
     assert not ends(gap_only) and not [e for e in gap_only.events if e.ce.data.snapshot]
     assert end.ce.data.snapshot is not None and end.ce.data.snapshot.counts is not None
     states = snapshot_of(everything, end.ce.data.snapshot.id)[:-1]
     image_ids = {e.ce.data.actor.id for e in states if e.ce.data.type == "image"}
     assert image_ids == set(images.stdout.split())
+    assert made[0].strip() in set(dangling.stdout.split()) & image_ids, "a dangling image"
     assert end.ce.data.snapshot.counts["image"] == len(image_ids) > 0
     without_images = [e for e in states if e.ce.data.type != "image"]
     assert received_objects(without_images) == listed
