@@ -15,7 +15,6 @@ which also tells apart several Podman services (root and rootless users) on one 
 from __future__ import annotations
 
 import hashlib
-import re
 from collections.abc import Mapping
 from typing import Any, Final
 
@@ -23,12 +22,7 @@ from relay.normalize import Flavour
 
 # What `engine.id` may be: it is written into `source` (a URN), event ids and topic templates.
 ENGINE_ID_PATTERN: Final = r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$"
-_ENGINE_ID: Final = re.compile(ENGINE_ID_PATTERN)
 PODMAN_ID_PREFIX: Final = "podman-"
-
-
-def is_engine_id(value: str) -> bool:
-    return _ENGINE_ID.fullmatch(value) is not None
 
 
 def flavour_of(version: Mapping[str, Any]) -> Flavour:

@@ -161,8 +161,8 @@ class Pipeline:
         # An engine read for the first time (no position for it): a snapshot with on_start.
         first = False
         if self.normalizer is None or self.normalizer.engine.id != engine.id:
-            first = self._pending_gap is None and self._stored(engine.id) is None
             stored = self._stored(engine.id)
+            first = self._pending_gap is None and stored is None
             if stored is None and self._recovered.engine_id not in (None, engine.id):
                 log.warning(
                     "the spool's position belongs to engine %s, not %s: reading from now",
@@ -238,8 +238,7 @@ class Pipeline:
         """An event for one target alone (a replayed dead letter), behind what it has."""
         self.seq += 1
         event.seq = self.seq
-        self.spool.add(event, target.bit)
-        target.put(event)
+        self._hand_on(event, [target])
 
     def _emit(self, event: Event) -> None:
         flap = self.flap
@@ -255,6 +254,10 @@ class Pipeline:
         if flap is not None:
             # Held: owed under the sink's held bit, not handed to the sink (relay.flap).
             targets, owed = flap.split(event, targets)
+        self._hand_on(event, targets, owed)
+
+    def _hand_on(self, event: Event, targets: list[Target], owed: int = 0) -> None:
+        """A numbered event to `targets`, owed in the spool by them (and by the bits `owed`)."""
         for target in targets:
             owed |= target.bit
         # In the spool before it is handed on: a target may finish with it at once.
@@ -298,11 +301,6 @@ class Pipeline:
         for event, targets in taken.events:
             self.seq += 1
             event.seq = self.seq
-            owed = 0
-            for target in targets:
-                owed |= target.bit
-            self.spool.add(event, owed)
-            for target in targets:
-                target.put(event)
+            self._hand_on(event, targets)
         if await self.spool.commit():
             reconciler.committed(taken.id)
